@@ -1,0 +1,424 @@
+"""The framework-free core: per-sample training dynamics kept in device tensors.
+
+``DynamicsRecorder`` holds two groups of tensors indexed by sample id. The *epoch*
+accumulators collect every presentation of the running epoch with scatter-adds; at
+``end_epoch()`` they are folded into the *running aggregates* from which every score is
+computed. All per-batch work is a handful of vector operations on the logits' device:
+no host synchronisation, no boolean-mask indexing and no Python loop over samples.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from torchdebug.scores import Aggregates, build_report
+
+__all__ = ["DynamicsRecorder", "SampleError", "presentation_stats"]
+
+log = logging.getLogger(__name__)
+
+ReduceFn = Callable[[Tensor, str], Tensor]
+
+# Epoch accumulators: name -> (dtype, fill value, reduction across ranks).
+_EPOCH_FIELDS: dict[str, tuple[torch.dtype, float, str]] = {
+    "count": (torch.float32, 0.0, "sum"),
+    "loss": (torch.float32, 0.0, "sum"),
+    "prob": (torch.float32, 0.0, "sum"),
+    "margin": (torch.float32, 0.0, "sum"),
+    "grad": (torch.float32, 0.0, "sum"),
+    "correct": (torch.float32, 0.0, "sum"),
+    "other": (torch.int16, -1, "max"),
+}
+# Running aggregates over epochs: name -> (dtype, fill value).
+_AGGREGATE_FIELDS: dict[str, tuple[torch.dtype, float]] = {
+    "epochs_seen": (torch.int16, 0),
+    "loss_sum": (torch.float32, 0.0),
+    "conf_mean": (torch.float32, 0.0),
+    "conf_m2": (torch.float32, 0.0),
+    "correct_sum": (torch.float32, 0.0),
+    "margin_sum": (torch.float32, 0.0),
+    "grad_sum": (torch.float32, 0.0),
+    "forgetting": (torch.int16, 0),
+    "first_learned": (torch.int16, -1),
+    "last_correct": (torch.int8, -1),
+    "vote_class": (torch.int16, -1),
+    "vote_count": (torch.int16, 0),
+    "label": (torch.int16, -1),
+    "prediction": (torch.int16, -1),
+}
+# Bookkeeping of bad input, reduced across ranks with the epoch accumulators.
+_EXTRA_REDUCE = {"nonfinite": "sum", "bad_count": "sum", "bad_id": "max", "bad_label": "max"}
+_ALL_FIELDS = {**{f"epoch_{k}": v[:2] for k, v in _EPOCH_FIELDS.items()}, **_AGGREGATE_FIELDS}
+_MAX_CLASSES = torch.iinfo(torch.int16).max
+
+
+class SampleError(ValueError):
+    """Raised for bad per-sample input (an id or label out of range); names the sample."""
+
+
+def presentation_stats(logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    """Per-row statistics of one presentation, computed in float32.
+
+    For logits ``z`` and given label ``y`` of each row:
+
+    - ``loss = -log softmax(z)[y]`` (cross-entropy),
+    - ``prob = softmax(z)[y]``,
+    - ``margin = z[y] - max_{k != y} z[k]`` and ``other`` the arg-max of that maximum,
+    - ``prediction = argmax_k z[k]``, ``correct = prediction == y``,
+    - ``grad = ||softmax(z) - onehot(y)||_2``, the exact norm of the cross-entropy
+      gradient with respect to the logits.
+
+    Args:
+        logits: ``[batch, classes]`` logits of any floating dtype.
+        targets: ``[batch]`` integer labels, all in ``[0, classes)``.
+
+    Returns:
+        A dict of ``[batch]`` tensors keyed as above.
+
+    Example::
+
+        >>> stats = presentation_stats(torch.tensor([[2.0, 0.0]]), torch.tensor([1]))
+        >>> round(stats["margin"].item(), 3)
+        -2.0
+    """
+    z = logits.detach().float()
+    y = targets.long().unsqueeze(1)
+    log_p = torch.log_softmax(z, dim=1)
+    p = log_p.exp()
+    prob = p.gather(1, y).squeeze(1)
+    others = z.scatter(1, y, float("-inf"))
+    other_logit, other = others.max(dim=1)
+    prediction = z.argmax(dim=1)
+    grad_sq = (p * p).sum(dim=1) - 2.0 * prob + 1.0
+    return {
+        "loss": -log_p.gather(1, y).squeeze(1),
+        "prob": prob,
+        "margin": z.gather(1, y).squeeze(1) - other_logit,
+        "other": other,
+        "prediction": prediction,
+        "correct": prediction == y.squeeze(1),
+        "grad": grad_sq.clamp_min(0.0).sqrt(),
+    }
+
+
+class DynamicsRecorder:
+    """Records per-sample training dynamics in preallocated tensors on the training device.
+
+    Use it in any training loop: call :meth:`update` with the sample ids, logits and labels
+    of each training batch, :meth:`end_epoch` after each epoch, and :meth:`report` for the
+    per-sample table. The column formulas are documented in :func:`torchdebug.scores.build_report`.
+
+    A sample presented several times in one epoch contributes the mean of those
+    presentations to that epoch; a sample not presented in an epoch is not counted for it.
+
+    Bad input never corrupts recorded numbers: rows with an id outside ``[0, num_samples)``,
+    a label outside ``[0, num_classes)`` or non-finite logits are routed to a spare slot.
+    Out-of-range ids and labels raise :class:`SampleError` naming the sample: at once when
+    the tensors are on the CPU, otherwise at the next :meth:`end_epoch` (checking earlier on
+    an accelerator would stall every step). Non-finite rows are counted per sample.
+
+    Args:
+        num_samples: Number of training samples; ids are integers in ``[0, num_samples)``.
+        num_classes: Number of classes; inferred from the first logits when ``None``.
+        device: Device of the state; the first logits' device when ``None``.
+
+    Example::
+
+        >>> rec = DynamicsRecorder(num_samples=4)
+        >>> rec.update(torch.tensor([0, 1]), torch.randn(2, 3), torch.tensor([2, 0]))
+        >>> rec.end_epoch()
+        >>> rec.report()["epochs_seen"].tolist()
+        [1, 1]
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        num_classes: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}.")
+        if num_classes is not None and not 2 <= num_classes <= _MAX_CLASSES:
+            raise ValueError(f"num_classes must be in [2, {_MAX_CLASSES}], got {num_classes}.")
+        self.num_samples = int(num_samples)
+        self.num_classes = num_classes
+        self.device = torch.device(device) if device is not None else None
+        self.epochs_recorded = 0
+        self._state: dict[str, Tensor] = {}
+        if num_classes is not None and device is not None:
+            self._allocate(self.device)
+
+    @property
+    def state_bytes_per_sample(self) -> float:
+        """Bytes of device state per tracked sample (epoch accumulators and aggregates)."""
+        size = sum(_ALL_FIELDS[k][0].itemsize for k in _ALL_FIELDS)
+        return float(size)
+
+    def update(
+        self,
+        ids: Tensor,
+        logits: Tensor,
+        targets: Tensor,
+        loss: Tensor | None = None,
+        grad_norm: Tensor | None = None,
+    ) -> None:
+        """Adds one training batch to the running epoch.
+
+        Args:
+            ids: ``[batch]`` integer sample ids in ``[0, num_samples)``.
+            logits: ``[batch, classes]`` logits from the training forward pass.
+            targets: ``[batch]`` integer labels in ``[0, classes)``.
+            loss: Optional ``[batch]`` per-sample losses replacing the cross-entropy.
+            grad_norm: Optional ``[batch]`` per-sample gradient norms replacing the norm of
+                the cross-entropy gradient with respect to the logits.
+
+        Raises:
+            ValueError: If shapes disagree or the logits are not ``[batch, classes]``.
+            SampleError: (CPU tensors) if an id or a label is out of range.
+        """
+        self._check_shapes(ids, logits, targets)
+        if not self._state:
+            self._infer_and_allocate(logits)
+        ids = ids.to(self.device, non_blocking=True).long()
+        targets = targets.to(self.device, non_blocking=True).long()
+        logits = logits.to(self.device, non_blocking=True)
+
+        valid_id = (ids >= 0) & (ids < self.num_samples)
+        valid_label = (targets >= 0) & (targets < self.num_classes)
+        finite = torch.isfinite(logits).all(dim=1)
+        bad_input = ~(valid_id & valid_label)
+        self._note_bad_input(ids, targets, bad_input)
+
+        # Rows that must not touch real samples go to the spare slot at index num_samples.
+        spare = torch.full_like(ids, self.num_samples)
+        slot = torch.where(valid_id & valid_label & finite, ids, spare)
+        safe_targets = targets.clamp(0, self.num_classes - 1)
+        stats = presentation_stats(torch.nan_to_num(logits.float()), safe_targets)
+        if loss is not None:
+            stats["loss"] = loss.detach().float().to(self.device).reshape(-1)
+        if grad_norm is not None:
+            stats["grad"] = grad_norm.detach().float().to(self.device).reshape(-1)
+
+        s = self._state
+        s["epoch_count"].index_add_(0, slot, torch.ones_like(stats["prob"]))
+        for name in ("loss", "prob", "margin", "grad"):
+            s[f"epoch_{name}"].index_add_(0, slot, stats[name])
+        s["epoch_correct"].index_add_(0, slot, stats["correct"].float())
+        s["epoch_other"].index_copy_(0, slot, stats["other"].to(torch.int16))
+        s["prediction"].index_copy_(0, slot, stats["prediction"].to(torch.int16))
+        s["label"].index_copy_(0, slot, safe_targets.to(torch.int16))
+
+        nonfinite_slot = torch.where(valid_id & ~finite, ids, spare)
+        s["nonfinite"].index_add_(0, nonfinite_slot, torch.ones_like(ids, dtype=torch.int32))
+
+    def end_epoch(self, reduce_fn: ReduceFn | None = None) -> None:
+        """Folds the running epoch into the aggregates and starts a new epoch.
+
+        Args:
+            reduce_fn: For distributed training, ``reduce_fn(tensor, op)`` with ``op`` in
+                ``{"sum", "max"}`` returning the tensor reduced over all ranks. Every rank
+                must call ``end_epoch`` with the same ``reduce_fn``.
+
+        Raises:
+            SampleError: If an id or label was out of range during the epoch (the epoch's
+                valid rows are still folded in first, so nothing recorded is lost).
+        """
+        if not self._state:
+            self.epochs_recorded += 1
+            return
+        s = self._state
+        if reduce_fn is not None:
+            for name, (_, _, op) in _EPOCH_FIELDS.items():
+                s[f"epoch_{name}"].copy_(reduce_fn(s[f"epoch_{name}"], op))
+            for name, op in _EXTRA_REDUCE.items():
+                s[name].copy_(reduce_fn(s[name], op))
+        self._fold_epoch()
+        self.epochs_recorded += 1
+        self._raise_bad_input()
+
+    def report(self) -> pd.DataFrame:
+        """Returns the per-sample table: one row per sample seen in at least one epoch.
+
+        Only completed epochs count; call :meth:`end_epoch` first.
+        """
+        return build_report(self.aggregates())
+
+    def aggregates(self) -> Aggregates:
+        """Copies the running aggregates to host memory (numpy arrays over real samples)."""
+        if not self._state:
+            return Aggregates.empty(self.epochs_recorded)
+        n = self.num_samples
+        arrays = {k: self._state[k][:n].cpu().numpy() for k in _AGGREGATE_FIELDS}
+        arrays["nonfinite"] = self._state["nonfinite"][:n].cpu().numpy()
+        return Aggregates(
+            epochs_recorded=self.epochs_recorded,
+            num_classes=int(self.num_classes or 0),
+            arrays=arrays,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Returns the full state (tensors on the CPU), for checkpoints."""
+        return {
+            "num_samples": self.num_samples,
+            "num_classes": self.num_classes,
+            "epochs_recorded": self.epochs_recorded,
+            "tensors": {k: v.detach().cpu().clone() for k, v in self._state.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores a state from :meth:`state_dict`, on this recorder's device.
+
+        Raises:
+            ValueError: If the state was recorded for a different number of samples.
+        """
+        if int(state["num_samples"]) != self.num_samples:
+            raise ValueError(
+                f"The checkpoint's recorder tracked {state['num_samples']} samples but this "
+                f"dataset has {self.num_samples}; resume with the same training dataset."
+            )
+        self.num_classes = state["num_classes"]
+        self.epochs_recorded = int(state["epochs_recorded"])
+        tensors = state["tensors"]
+        if not tensors:
+            self._state = {}
+            return
+        device = self.device or torch.device("cpu")
+        self.device = device
+        self._state = {k: v.to(device).clone() for k, v in tensors.items()}
+
+    def _check_shapes(self, ids: Tensor, logits: Tensor, targets: Tensor) -> None:
+        if logits.dim() != 2:
+            raise ValueError(
+                f"Expected logits of shape [batch, classes], got {tuple(logits.shape)}. "
+                "Flatten extra dimensions or pass the classifier's output."
+            )
+        if targets.dim() != 1 or targets.is_floating_point():
+            raise ValueError(
+                f"Expected integer class labels of shape [batch], got {targets.dtype} "
+                f"{tuple(targets.shape)}. Soft or multi-label targets are not supported yet."
+            )
+        rows = logits.shape[0]
+        if ids.shape != (rows,) or targets.shape[0] != rows:
+            raise ValueError(
+                f"ids {tuple(ids.shape)}, logits {tuple(logits.shape)} and targets "
+                f"{tuple(targets.shape)} must have the same number of rows."
+            )
+        if self.num_classes is not None and logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"Logits have {logits.shape[1]} classes but the recorder was set up for "
+                f"{self.num_classes}."
+            )
+
+    def _infer_and_allocate(self, logits: Tensor) -> None:
+        if self.num_classes is None:
+            self.num_classes = int(logits.shape[1])
+            if not 2 <= self.num_classes <= _MAX_CLASSES:
+                raise ValueError(f"Logits must have 2 to {_MAX_CLASSES} classes.")
+        self._allocate(self.device or logits.device)
+
+    def _allocate(self, device: torch.device) -> None:
+        self.device = device
+        size = self.num_samples + 1  # the last slot absorbs rows that must not count
+        self._state = {
+            name: torch.full((size,), fill, dtype=dtype, device=device)
+            for name, (dtype, fill) in _ALL_FIELDS.items()
+        }
+        self._state["nonfinite"] = torch.zeros(size, dtype=torch.int32, device=device)
+        self._state["bad_count"] = torch.zeros(1, dtype=torch.int64, device=device)
+        self._state["bad_id"] = torch.full((1,), -(2**62), dtype=torch.int64, device=device)
+        self._state["bad_label"] = torch.zeros(1, dtype=torch.int64, device=device)
+        log.debug("allocated %d samples x %d classes on %s", size, self.num_classes, device)
+
+    def _note_bad_input(self, ids: Tensor, targets: Tensor, bad: Tensor) -> None:
+        if ids.device.type == "cpu":
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0, 0])
+                raise self._sample_error(int(ids[row]), int(targets[row]))
+            return
+        # On an accelerator, remember the first bad row without synchronising.
+        s = self._state
+        s["bad_count"].add_(bad.sum())
+        key = torch.where(bad, ids, torch.full_like(ids, -(2**62)))
+        row = key.argmax().unsqueeze(0)
+        first = (s["bad_id"] == -(2**62)) & bad.any()
+        s["bad_id"].copy_(torch.where(first, ids.gather(0, row), s["bad_id"]))
+        s["bad_label"].copy_(torch.where(first, targets.gather(0, row), s["bad_label"]))
+
+    def _raise_bad_input(self) -> None:
+        s = self._state
+        if int(s["bad_count"]) == 0:
+            return
+        count = int(s["bad_count"])
+        error = self._sample_error(int(s["bad_id"]), int(s["bad_label"]), count)
+        s["bad_count"].zero_()
+        s["bad_id"].fill_(-(2**62))
+        raise error
+
+    def _sample_error(self, sample_id: int, label: int, count: int = 1) -> SampleError:
+        if not 0 <= sample_id < self.num_samples:
+            what = (
+                f"sample id {sample_id} is outside [0, {self.num_samples}): the recorder was "
+                f"built for {self.num_samples} samples. Pass num_samples covering every id, or "
+                "map ids to a contiguous range"
+            )
+        else:
+            what = (
+                f"sample {sample_id} has label {label}, outside [0, {self.num_classes}) for "
+                f"logits with {self.num_classes} classes. Fix that sample's label, or give the "
+                "model enough output classes"
+            )
+        more = f" ({count} bad rows in all; they were not recorded)" if count > 1 else ""
+        return SampleError(f"{what}{more}.")
+
+    def _fold_epoch(self) -> None:
+        s = self._state
+        count = s["epoch_count"]
+        seen = count > 0
+        safe = count.clamp_min(1.0)
+        prob = s["epoch_prob"] / safe
+        correct_frac = s["epoch_correct"] / safe
+        # A sample seen several times in an epoch is right for that epoch by majority.
+        correct_now = (correct_frac >= 0.5).to(torch.int8)
+
+        n_before = s["epochs_seen"].float()
+        n_after = n_before + 1.0
+        delta = prob - s["conf_mean"]
+        new_mean = s["conf_mean"] + delta / n_after
+        new_m2 = s["conf_m2"] + delta * (prob - new_mean)
+        s["conf_mean"].copy_(torch.where(seen, new_mean, s["conf_mean"]))
+        s["conf_m2"].copy_(torch.where(seen, new_m2, s["conf_m2"]))
+        for name in ("loss", "margin", "grad"):
+            s[f"{name}_sum"].add_(torch.where(seen, s[f"epoch_{name}"] / safe, 0.0))
+        s["correct_sum"].add_(torch.where(seen, correct_frac, 0.0))
+
+        forgotten = seen & (s["last_correct"] == 1) & (correct_now == 0)
+        s["forgetting"].add_(forgotten.to(torch.int16))
+        learned_now = seen & (correct_now == 1) & (s["first_learned"] < 0)
+        epoch = torch.tensor(self.epochs_recorded, dtype=torch.int16, device=count.device)
+        s["first_learned"].copy_(torch.where(learned_now, epoch, s["first_learned"]))
+        s["last_correct"].copy_(torch.where(seen, correct_now, s["last_correct"]))
+        self._vote(seen, s["epoch_other"])
+        s["epochs_seen"].add_(seen.to(torch.int16))
+
+        for name, (_, fill, _) in _EPOCH_FIELDS.items():
+            s[f"epoch_{name}"].fill_(fill)
+
+    def _vote(self, seen: Tensor, candidate: Tensor) -> None:
+        """Boyer-Moore majority vote over epochs of the strongest other class."""
+        s = self._state
+        vote_class, vote_count = s["vote_class"], s["vote_count"]
+        same = candidate == vote_class
+        empty = vote_count == 0
+        new_class = torch.where(seen & empty, candidate, vote_class)
+        step = torch.where(same | empty, 1, -1).to(torch.int16)
+        new_count = vote_count + step
+        vote_class.copy_(new_class)
+        vote_count.copy_(torch.where(seen, new_count, vote_count))
+
