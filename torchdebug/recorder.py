@@ -421,4 +421,3 @@ class DynamicsRecorder:
         new_count = vote_count + step
         vote_class.copy_(new_class)
         vote_count.copy_(torch.where(seen, new_count, vote_count))
-

@@ -38,7 +38,7 @@ REPORT_COLUMNS: tuple[str, ...] = (
 )
 FLAGS: tuple[str, ...] = ("mislabeled", "hard", "ambiguous")
 
-# A flagged-as-hard sample gives its label less than this probability on average.
+# A sample flagged hard gives its label less than this probability on average.
 HARD_CONFIDENCE = 0.5
 # Variability above which a sample is ambiguous, unless the data put the fence higher.
 AMBIGUOUS_MIN_VARIABILITY = 0.2
@@ -128,7 +128,9 @@ def build_report(agg: Aggregates) -> pd.DataFrame:
     suggested = np.where((aum > 0) | (voted < 0), given, voted)
 
     score = mislabel_score(aum)
-    flags = flag_samples(score, given, suggested, confidence, variability, never_learned)
+    flags = flag_samples(
+        score, given, suggested, confidence, variability, first_learned, agg.epochs_recorded
+    )
     report = pd.DataFrame(
         {
             "sample_id": ids.astype(np.int64),
@@ -204,24 +206,36 @@ def flag_samples(
     suggested: np.ndarray,
     confidence: np.ndarray,
     variability: np.ndarray,
-    never_learned: np.ndarray,
+    first_learned: np.ndarray,
+    epochs_recorded: int,
 ) -> np.ndarray:
     """Assigns each sample at most one flag, in priority order.
 
-    - ``mislabeled``: ``score >= 0.5`` (the noisy component is the more likely one) and the
-      suggested label differs from the given one.
-    - ``hard``: not mislabeled, ``confidence < 0.5`` and never predicted right or right in
-      under half the epochs it was seen (here: never learned or low confidence).
-    - ``ambiguous``: neither of the above and ``variability`` above
-      ``max(0.2, Q3 + 1.5 IQR)`` of all samples' variability (an outlier fence from the
-      data, floored so a run where everything is stable flags nothing).
+    - ``mislabeled``: ``score >= 0.5`` (the mislabeled population is the most likely one
+      for the sample, see :func:`mislabel_score`) and the suggested label differs from the
+      given one.
+    - ``hard``: not mislabeled, ``confidence < 0.5``, and learned late or never: no epoch
+      predicted right, or the first right epoch in the second half of the epochs recorded.
+    - ``ambiguous``: neither of the above and ``variability`` above the outlier fence
+      ``max(0.2, Q3 + 1.5 IQR)`` of all samples' variability (from the data, floored so a
+      run where every sample is stable flags none).
+
+    Args:
+        score: ``mislabel_score`` per sample.
+        given: Given label per sample.
+        suggested: Suggested label per sample.
+        confidence: Mean probability of the given label per sample.
+        variability: Its standard deviation over epochs per sample.
+        first_learned: First epoch predicted right per sample, ``-1`` if never.
+        epochs_recorded: Number of epochs recorded so far.
 
     Returns:
         An object array of flag strings (``""`` for no flag).
     """
     flags = np.full(score.shape, "", dtype=object)
     mislabeled = (score >= 0.5) & (suggested != given)
-    hard = ~mislabeled & (confidence < HARD_CONFIDENCE) & (never_learned | (score < 0.5))
+    late = (first_learned < 0) | (first_learned >= epochs_recorded / 2)
+    hard = ~mislabeled & (confidence < HARD_CONFIDENCE) & late
     q1, q3 = np.percentile(variability, [25, 75]) if variability.size else (0.0, 0.0)
     fence = max(AMBIGUOUS_MIN_VARIABILITY, q3 + 1.5 * (q3 - q1))
     ambiguous = ~mislabeled & ~hard & (variability > fence)

@@ -1,0 +1,391 @@
+"""``TrainingDynamics``: the Lightning callback over :class:`~torchdebug.DynamicsRecorder`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pandas as pd
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from torchdebug.recorder import DynamicsRecorder
+from torchdebug.report import REPORT_DIRNAME, REPORT_FILENAME, write_report
+from torchdebug.sampling import RecordingBatchSampler, as_id_tensor, record_indices
+from torchdebug.tensorboard import log_epoch
+
+__all__ = ["TARGET_KEYS", "TrainingDynamics"]
+
+log = logging.getLogger(__name__)
+
+TARGET_KEYS: tuple[str, ...] = ("label", "labels", "target", "targets", "y")
+"""Keys of a dict batch that hold the labels, tried in this order."""
+
+_ID_KEYS = ("index", "indices", "idx")
+
+
+class TrainingDynamics(Callback):
+    """Records per-sample training dynamics, scores every sample and flags suspect labels.
+
+    Add it to an existing ``Trainer`` and change nothing else::
+
+        trainer = L.Trainer(max_epochs=8, callbacks=[TrainingDynamics()])
+        trainer.fit(model, train_loader)
+        report = trainer.callbacks[0].report()
+
+    For each training batch it needs logits, labels and sample ids:
+
+    - logits: ``outputs["logits"]`` when ``training_step`` returns a dict with them; else
+      the output of the module's forward call during the step, caught by a forward hook
+      on the LightningModule and its direct children (or on ``logits_module``);
+    - labels: ``get_targets(batch)``; else ``outputs["targets"]``/``["target"]``; else the
+      second item of a tuple batch or a ``label``/``labels``/``target``/``targets``/``y``
+      key of a dict batch;
+    - ids: ``get_ids(batch)``; else ``outputs["index"]``; else an ``index`` key of a dict
+      batch; else the dataset indices the train DataLoader's sampler drew for the batch,
+      recorded without touching the batch (map-style datasets, any ``num_workers``).
+
+    At every epoch end it folds the epoch (reduced across ranks under DDP), and on rank
+    zero writes ``<log dir>/torchdebug/samples.parquet`` and logs TensorBoard views under
+    ``torchdebug/`` through the Trainer's ``TensorBoardLogger``. The statistics come from
+    the training forward pass (the augmented view), as in the data-map and AUM papers.
+
+    Args:
+        logits_module: Dotted name of the submodule whose output is the logits (e.g.
+            ``"model"`` or ``"model.head"``); ``None`` finds them automatically.
+        get_ids: ``get_ids(batch) -> ids`` returning integer sample ids.
+        get_targets: ``get_targets(batch) -> labels`` returning integer class labels.
+        num_samples: Number of distinct ids; defaults to the train dataset's length.
+        tensorboard: Log the TensorBoard views when a ``TensorBoardLogger`` is attached.
+        write_report: Write the Parquet report at every epoch end.
+        name: Distinguishes two instances in one Trainer (their checkpoint state keys).
+
+    Raises:
+        ValueError: At construction, for a bad option.
+
+    .. note:: Only the first train DataLoader is tracked; soft, mixed or multi-label
+       targets are refused with an error.
+    """
+
+    def __init__(
+        self,
+        *,
+        logits_module: str | None = None,
+        get_ids: Callable[[Any], Any] | None = None,
+        get_targets: Callable[[Any], Any] | None = None,
+        num_samples: int | None = None,
+        tensorboard: bool = True,
+        write_report: bool = True,
+        name: str = "",
+    ) -> None:
+        if num_samples is not None and num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}.")
+        if logits_module is not None and not logits_module.strip():
+            raise ValueError("logits_module must name a submodule, e.g. 'model.head'.")
+        self.logits_module = logits_module
+        self.get_ids = get_ids
+        self.get_targets = get_targets
+        self.num_samples = num_samples
+        self.tensorboard = tensorboard
+        self.write_report = write_report
+        self.name = name
+        self.recorder: DynamicsRecorder | None = None
+        self.report_path: Path | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._capture = _LogitsCapture()
+        self._sampler: RecordingBatchSampler | None = None
+        self._sampler_error: Exception | None = None
+        self._dataset_size: int | None = None
+        self._fit_loop: Any = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    def report(self) -> pd.DataFrame:
+        """The per-sample report over the completed epochs (columns in the README)."""
+        if self.recorder is None:
+            return DynamicsRecorder(1).report()
+        return self.recorder.report()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._capture.attach(pl_module, self.logits_module)
+        if self.get_ids is None:
+            self._hook_dataloader_setup(trainer)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._capture.detach()
+        if self._fit_loop is not None:
+            self._fit_loop.__dict__.pop("_load_combined_loader_states", None)
+            self._fit_loop = None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._capture.arm()
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        captured = self._capture.disarm()
+        # The sampler's queue advances for every batch, recorded or not, to stay aligned.
+        sampled_ids = self._sampler.pending.popleft() if self._sampler_has_pending() else None
+        if outputs is None:
+            return  # training_step skipped this batch
+
+        logits = _logits_from(outputs, captured, self.logits_module)
+        targets = self._targets(outputs, batch)
+        ids = self._ids(outputs, batch, sampled_ids, rows=logits.shape[0])
+        self._ensure_recorder(trainer, logits).update(ids, logits, targets)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.recorder is None:
+            return
+        reduce_fn = _all_reduce if trainer.world_size > 1 and dist.is_initialized() else None
+        try:
+            self.recorder.end_epoch(reduce_fn)
+        finally:
+            if trainer.is_global_zero:
+                self._publish(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.recorder is None:
+            return dict(self._pending_state or {})
+        return self.recorder.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        self._pending_state = dict(state_dict)
+        self.recorder = None
+
+    def _publish(self, trainer: pl.Trainer) -> None:
+        assert self.recorder is not None
+        report = self.recorder.report()
+        epoch = self.recorder.epochs_recorded - 1
+        if self.write_report:
+            path = Path(trainer.log_dir or trainer.default_root_dir)
+            self.report_path = write_report(
+                report,
+                path / REPORT_DIRNAME / REPORT_FILENAME,
+                epoch=epoch,
+                epochs_recorded=self.recorder.epochs_recorded,
+                num_samples=self.recorder.num_samples,
+                num_classes=self.recorder.num_classes,
+                grad_norm="logits",
+                statistics_from="training forward pass",
+            )
+        writer = _tensorboard_writer(trainer) if self.tensorboard else None
+        if writer is not None:
+            log_epoch(writer, report, step=epoch)
+        flagged = report["flag"].value_counts().to_dict()
+        log.info("torchdebug epoch %d: %s", epoch, flagged)
+
+    def _ensure_recorder(self, trainer: pl.Trainer, logits: Tensor) -> DynamicsRecorder:
+        if self.recorder is not None:
+            return self.recorder
+        num_samples = self.num_samples or self._dataset_size or _train_dataset_size(trainer)
+        if num_samples is None:
+            raise ValueError(
+                "torchdebug cannot tell how many samples the training set has. Pass "
+                "TrainingDynamics(num_samples=...) covering every sample id."
+            )
+        recorder = DynamicsRecorder(num_samples, logits.shape[1], device=logits.device)
+        if self._pending_state is not None:
+            recorder.load_state_dict(self._pending_state)
+            self._pending_state = None
+        self.recorder = recorder
+        return recorder
+
+    def _targets(self, outputs: Any, batch: Any) -> Tensor:
+        if self.get_targets is not None:
+            return torch.as_tensor(self.get_targets(batch))
+        if isinstance(outputs, Mapping):
+            for key in ("targets", "target"):
+                if isinstance(outputs.get(key), Tensor):
+                    return outputs[key]
+        found = _targets_from_batch(batch)
+        if found is None:
+            raise ValueError(
+                "torchdebug could not find the labels in the batch: expected a tuple "
+                f"(inputs, labels, ...) or a dict with one of the keys {list(TARGET_KEYS)}. "
+                "Return {'loss': loss, 'targets': y} from training_step or pass "
+                "get_targets=lambda batch: ... to TrainingDynamics."
+            )
+        return found
+
+    def _ids(self, outputs: Any, batch: Any, sampled: list[int] | None, rows: int) -> Tensor:
+        if self.get_ids is not None:
+            return as_id_tensor(self.get_ids(batch))
+        for source in (outputs, batch):
+            if isinstance(source, Mapping):
+                for key in _ID_KEYS:
+                    if key in source:
+                        return as_id_tensor(source[key])
+        if sampled is not None:
+            if len(sampled) != rows:
+                raise RuntimeError(
+                    f"The sampler drew {len(sampled)} indices for a batch of {rows} rows; a "
+                    "collate_fn that adds or drops rows breaks id capture. Put an 'index' "
+                    "entry in each batch or pass get_ids= to TrainingDynamics."
+                )
+            return torch.tensor(sampled, dtype=torch.long)
+        if self._sampler_error is not None:
+            raise TypeError(
+                f"torchdebug cannot tell which samples are in the batch: {self._sampler_error}"
+            ) from self._sampler_error
+        raise RuntimeError(
+            "torchdebug received a training batch that the train DataLoader's sampler did "
+            "not draw. Put an 'index' entry in each batch or pass get_ids= to "
+            "TrainingDynamics."
+        )
+
+    def _sampler_has_pending(self) -> bool:
+        return self._sampler is not None and bool(self._sampler.pending)
+
+    def _hook_dataloader_setup(self, trainer: pl.Trainer) -> None:
+        """Wraps the train loader's batch sampler each time Lightning builds the loader.
+
+        The wrapper must be in place before the first iterator is created (workers start
+        prefetching at once), which happens inside the fit loop's data setup, before any
+        callback hook. The fit loop restores loader state right before creating it, so the
+        wrapper is installed from there.
+        """
+        fit_loop = trainer.fit_loop
+        original = getattr(type(fit_loop), "_load_combined_loader_states", None)
+        if original is None:
+            raise RuntimeError(
+                f"This Lightning version ({pl.__version__}) has no hook torchdebug can use to "
+                "record sample ids. Put an 'index' entry in each batch or pass get_ids=."
+            )
+
+        def install_then_restore() -> None:
+            self._install_sampler(fit_loop._combined_loader)
+            original(fit_loop)
+
+        fit_loop._load_combined_loader_states = install_then_restore
+        self._fit_loop = fit_loop
+
+    def _install_sampler(self, combined_loader: Any) -> None:
+        loaders = list(getattr(combined_loader, "flattened", []) or [])
+        if not loaders:
+            return
+        if len(loaders) > 1:
+            rank_zero_warn("torchdebug tracks only the first of several train dataloaders.")
+        try:
+            self._sampler = record_indices(loaders[0])
+            self._dataset_size = len(loaders[0].dataset)
+            self._sampler_error = None
+        except TypeError as err:
+            self._sampler, self._sampler_error = None, err
+
+
+class _LogitsCapture:
+    """Forward hooks that keep the last classifier output produced during a train step."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+        self._armed = False
+        self._root: Tensor | None = None
+        self._child: Tensor | None = None
+
+    def attach(self, pl_module: nn.Module, name: str | None) -> None:
+        self.detach()
+        if name is not None:
+            module = pl_module.get_submodule(name)
+            self._handles.append(module.register_forward_hook(self._keep_root))
+            return
+        self._handles.append(pl_module.register_forward_hook(self._keep_root))
+        for child in pl_module.children():
+            self._handles.append(child.register_forward_hook(self._keep_child))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def arm(self) -> None:
+        self._armed, self._root, self._child = True, None, None
+
+    def disarm(self) -> Tensor | None:
+        self._armed = False
+        found = self._root if self._root is not None else self._child
+        self._root = self._child = None
+        return found
+
+    def _keep_root(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._armed and _looks_like_logits(output):
+            self._root = output
+
+    def _keep_child(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._armed and _looks_like_logits(output):
+            self._child = output
+
+
+def _looks_like_logits(output: Any) -> bool:
+    return isinstance(output, Tensor) and output.dim() == 2 and output.is_floating_point()
+
+
+def _logits_from(outputs: Any, captured: Tensor | None, logits_module: str | None) -> Tensor:
+    if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), Tensor):
+        return outputs["logits"]
+    if captured is not None:
+        return captured
+    where = f"submodule {logits_module!r}" if logits_module else "module or its children"
+    raise ValueError(
+        f"torchdebug saw no [batch, classes] logits from the {where} during training_step. "
+        "Return {'loss': loss, 'logits': logits} from training_step, or name the classifier "
+        "with TrainingDynamics(logits_module='...')."
+    )
+
+
+def _targets_from_batch(batch: Any) -> Tensor | None:
+    if isinstance(batch, Mapping):
+        for key in TARGET_KEYS:
+            if key in batch:
+                return torch.as_tensor(batch[key])
+        return None
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
+        return torch.as_tensor(batch[1])
+    return None
+
+
+def _train_dataset_size(trainer: pl.Trainer) -> int | None:
+    loader = trainer.train_dataloader
+    loaders = getattr(loader, "flattened", None) or [loader]
+    dataset = getattr(loaders[0], "dataset", None)
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _tensorboard_writer(trainer: pl.Trainer) -> Any:
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+def _all_reduce(tensor: Tensor, op: str) -> Tensor:
+    # Backends lack small integer types; int64 and float32 travel everywhere.
+    wide = tensor.to(torch.int64) if not tensor.is_floating_point() else tensor.clone()
+    reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
+    dist.all_reduce(wide, op=reduce_op)
+    return wide.to(tensor.dtype)

@@ -1,0 +1,103 @@
+"""How sample ids reach the recorder without changing the user's batches.
+
+The DataLoader draws every batch's dataset indices in the main process, from its batch
+sampler, and (with ``in_order=True``, the default) hands the batches back in the order it
+drew them, however many workers prefetch. :class:`RecordingBatchSampler` sits around the
+batch sampler and queues each batch's indices as they are drawn; the callback takes the
+oldest entry for each batch it sees. The batches themselves are untouched.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+__all__ = ["RecordingBatchSampler", "as_id_tensor", "record_indices"]
+
+
+class RecordingBatchSampler:
+    """Wraps a batch sampler and queues the indices of every batch it yields.
+
+    Attribute access falls through to the wrapped sampler, so ``set_epoch`` and friends
+    keep working.
+
+    Args:
+        batch_sampler: The DataLoader's batch sampler.
+    """
+
+    def __init__(self, batch_sampler: Any) -> None:
+        self.batch_sampler = batch_sampler
+        self.pending: deque[list[int]] = deque()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # A new pass over the data abandons whatever the previous pass left undelivered.
+        self.pending.clear()
+        for indices in self.batch_sampler:
+            self.pending.append(list(indices))
+            yield indices
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "batch_sampler":  # not yet set, during unpickling
+            raise AttributeError(name)
+        return getattr(self.batch_sampler, name)
+
+
+def record_indices(loader: Any) -> RecordingBatchSampler:
+    """Makes ``loader`` queue the dataset indices of each batch it draws (idempotent).
+
+    Args:
+        loader: The train DataLoader (as Lightning prepared it).
+
+    Returns:
+        The recording batch sampler now inside ``loader``.
+
+    Raises:
+        TypeError: If the loader cannot report indices (not a DataLoader, an iterable
+            dataset, no automatic batching, or out-of-order delivery).
+    """
+    fix = "Put an 'index' entry in each batch, or pass get_ids= to TrainingDynamics."
+    if not isinstance(loader, DataLoader):
+        raise TypeError(f"The train loader is a {type(loader).__name__}, not a DataLoader. {fix}")
+    if isinstance(loader.dataset, IterableDataset):
+        raise TypeError(f"An IterableDataset has no indices to record. {fix}")
+    if loader.batch_sampler is None:
+        raise TypeError(f"A DataLoader with batch_size=None has no batch sampler. {fix}")
+    if loader.num_workers > 0 and not getattr(loader, "in_order", True):
+        raise TypeError(f"DataLoader(in_order=False) returns batches out of order. {fix}")
+    if isinstance(loader.batch_sampler, RecordingBatchSampler):
+        return loader.batch_sampler
+    recorder = RecordingBatchSampler(loader.batch_sampler)
+    # DataLoader forbids re-assigning batch_sampler after construction; the wrapper yields
+    # exactly what the original does, so the loader's behaviour is unchanged.
+    object.__setattr__(loader, "batch_sampler", recorder)
+    return recorder
+
+
+def as_id_tensor(ids: Any) -> Tensor:
+    """Turns ids given as a tensor, numpy array, sequence or int into a 1-D int64 tensor.
+
+    Raises:
+        TypeError: If the ids are not integers.
+    """
+    if isinstance(ids, Tensor):
+        if ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"Sample ids must be integers, got a {ids.dtype} tensor.")
+        return ids.reshape(-1).long()
+    if isinstance(ids, np.ndarray):
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"Sample ids must be integers, got a {ids.dtype} array.")
+        return torch.from_numpy(ids.astype(np.int64)).reshape(-1)
+    if isinstance(ids, (int, np.integer)):
+        return torch.tensor([int(ids)], dtype=torch.long)
+    if isinstance(ids, Sequence) and not isinstance(ids, (str, bytes, Mapping)):
+        return torch.tensor([int(i) for i in ids], dtype=torch.long)
+    raise TypeError(f"Sample ids must be integers, got {type(ids).__name__}.")
