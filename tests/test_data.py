@@ -13,6 +13,7 @@ import torch
 from torchdebug.data import (
     DIGITS_CLASSES,
     FASHION_MNIST_CLASSES,
+    NoisyImageDataModule,
     inject_label_noise,
     load_digits,
     load_fashion_mnist,
@@ -226,3 +227,43 @@ def test_noise_rejects_bad_kind_and_labels() -> None:
         inject_label_noise(labels + 5, 0.1, num_classes=3, seed=0)
     with pytest.raises(ValueError, match="num_classes"):
         inject_label_noise(labels, 0.1, num_classes=1, seed=0)
+
+
+def test_noisy_image_datamodule_digits() -> None:
+    dm = NoisyImageDataModule("digits", num_samples=500, noise_rate=0.2, seed=3, batch_size=64)
+    dm.setup("fit")
+    assert dm.train_dataset is not None and dm.flipped is not None and dm.clean_labels is not None
+    assert len(dm.train_dataset) == 500
+    assert dm.flipped.shape == dm.clean_labels.shape == (500,)
+    assert int(dm.flipped.sum()) == 100  # round(0.2 * 500), exactly
+    noisy = dm.train_dataset.tensors[1]
+    assert torch.equal(dm.flipped, noisy != dm.clean_labels)
+    x, y = dm.train_dataset[7]
+    assert x.shape == (1, 8, 8) and int(y) == int(noisy[7])
+    assert sum(len(b[1]) for b in dm.train_dataloader()) == 500
+    assert dm.val_dataloader() == []  # digits has no held-out split
+
+    dm.setup("validate")  # a second setup keeps the first draw
+    assert torch.equal(dm.train_dataset.tensors[1], noisy)
+    same = NoisyImageDataModule("digits", num_samples=500, noise_rate=0.2, seed=3)
+    same.setup("fit")
+    assert torch.equal(same.flipped, dm.flipped)
+
+
+def test_noisy_image_datamodule_fashion_mnist_validates_on_clean_test_split(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(1)
+    train_y = np.arange(40, dtype=np.uint8) % 10
+    test_y = np.arange(8, dtype=np.uint8) % 10
+    _write_split(tmp_path, "train", rng.integers(0, 256, (40, 28, 28)), train_y, gz=True)
+    _write_split(tmp_path, "t10k", rng.integers(0, 256, (8, 28, 28)), test_y, gz=False)
+    dm = NoisyImageDataModule(
+        "fashion-mnist", data_dir=str(tmp_path), num_samples=30, noise_rate=0.1, val_size=5
+    )
+    dm.setup("fit")
+    assert dm.train_dataset is not None and dm.flipped is not None
+    assert len(dm.train_dataset) == 30 and int(dm.flipped.sum()) == 3
+    (val_x, val_y) = next(iter(dm.val_dataloader()))
+    assert val_x.shape == (5, 1, 28, 28)
+    assert val_y.tolist() == test_y[:5].tolist()

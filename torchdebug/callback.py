@@ -146,8 +146,8 @@ class TrainingDynamics(Callback):
         captured = self._capture.disarm()
         # The sampler's queue advances for every batch, recorded or not, to stay aligned.
         sampled_ids = self._sampler.pending.popleft() if self._sampler_has_pending() else None
-        if outputs is None:
-            return  # training_step skipped this batch
+        if _skipped(pl_module, outputs):
+            return
 
         logits = _logits_from(outputs, captured, self.logits_module)
         targets = self._targets(outputs, batch)
@@ -336,6 +336,13 @@ class _LogitsCapture:
     def _keep_child(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._armed and _looks_like_logits(output):
             self._child = output
+
+
+def _skipped(pl_module: pl.LightningModule, outputs: Any) -> bool:
+    """Whether ``training_step`` returned ``None``, which skips the batch's update."""
+    if not pl_module.automatic_optimization:
+        return False  # a manual step returns nothing and still trains
+    return outputs is None or (isinstance(outputs, Mapping) and outputs.get("loss") is None)
 
 
 def _looks_like_logits(output: Any) -> bool:

@@ -13,13 +13,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
 
 __all__ = [
     "DIGITS_CLASSES",
     "FASHION_MNIST_CLASSES",
+    "NoisyImageDataModule",
     "inject_label_noise",
     "load_digits",
     "load_fashion_mnist",
@@ -279,3 +282,93 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
             f"file has {len(raw) - header_len}"
         )
     return np.frombuffer(raw, dtype=dtype, offset=header_len).reshape(dims)
+
+
+class NoisyImageDataModule(L.LightningDataModule):
+    """A train set with a known fraction of wrong labels, for the example and the CLI config.
+
+    ``setup()`` draws a seeded subset of the train split and replaces the labels of exactly
+    ``round(noise_rate * N)`` samples with a different class (see :func:`inject_label_noise`).
+    The ground truth stays available, indexed by dataset index: ``flipped`` marks the
+    corrupted samples and ``clean_labels`` holds the original labels.
+
+    Args:
+        dataset: ``"digits"`` (scikit-learn's 1797 8x8 images, no validation set) or
+            ``"fashion-mnist"`` (28x28 images, validated on the official test split).
+        data_dir: Folder holding the Fashion-MNIST idx files; see :func:`load_fashion_mnist`.
+        num_samples: Size of the train subset; ``None`` keeps the whole train split.
+        noise_rate: Fraction of train labels to corrupt, in ``[0, 1)``.
+        seed: Seed of the subset and of the noise.
+        batch_size: Batch size of both loaders.
+        num_workers: DataLoader worker processes.
+        val_size: Number of test-split samples (clean labels) used for validation.
+
+    Raises:
+        ValueError: If ``dataset`` is unknown.
+
+    Example:
+        >>> dm = NoisyImageDataModule("digits", num_samples=100, noise_rate=0.1)
+        >>> dm.setup("fit")
+        >>> int(dm.flipped.sum())
+        10
+    """
+
+    def __init__(
+        self,
+        dataset: Literal["digits", "fashion-mnist"] = "digits",
+        data_dir: str | None = None,
+        num_samples: int | None = None,
+        noise_rate: float = 0.2,
+        seed: int = 0,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_size: int = 2000,
+    ) -> None:
+        super().__init__()
+        if dataset not in ("digits", "fashion-mnist"):
+            raise ValueError(f"dataset must be 'digits' or 'fashion-mnist', got {dataset!r}")
+        self.save_hyperparameters()
+        self.train_dataset: TensorDataset | None = None
+        self.val_dataset: TensorDataset | None = None
+        self.flipped: Tensor | None = None
+        self.clean_labels: Tensor | None = None
+
+    def setup(self, stage: str) -> None:
+        """Loads the data and injects the noise; later calls keep the first draw."""
+        if self.train_dataset is not None:
+            return
+        hp = self.hparams
+        if hp.dataset == "digits":
+            images, labels = load_digits()
+        else:
+            images, labels = load_fashion_mnist(hp.data_dir, "train")
+            test_images, test_labels = load_fashion_mnist(hp.data_dir, "test")
+            self.val_dataset = TensorDataset(
+                test_images[: hp.val_size], test_labels[: hp.val_size]
+            )
+        images, labels = seeded_subset(images, labels, hp.num_samples, hp.seed)
+        noisy, flipped = inject_label_noise(labels, hp.noise_rate, 10, hp.seed)
+        self.clean_labels, self.flipped = labels, flipped
+        self.train_dataset = TensorDataset(images, noisy)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled loader over ``(image, noisy_label)`` pairs."""
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """Loader over the clean validation samples; no loader for digits."""
+        if self.val_dataset is None:
+            return []
+        return self._loader(self.val_dataset, shuffle=False)
+
+    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("NoisyImageDataModule.setup() must run before its loaders.")
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )

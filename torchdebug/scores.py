@@ -73,8 +73,9 @@ def build_report(agg: Aggregates) -> pd.DataFrame:
 
     With ``E`` the epochs in which sample ``i`` was seen (``n = |E|``), ``p_e`` the
     probability of its given label ``y`` in epoch ``e``, ``z_e`` its logits and ``c_e``
-    whether the arg-max was ``y`` (means over the epoch's presentations when it was seen
-    more than once; ``c_e`` is then the majority):
+    whether the arg-max was ``y``. A sample presented several times in one epoch
+    contributes the mean over those presentations to each of these, and counts as right
+    in that epoch (for forgetting and first-learned) when ``c_e >= 0.5``:
 
     - ``sample_id``: the dataset index (or the id the batch carried).
     - ``given_label``: ``y``, the label at the last presentation.
