@@ -116,8 +116,11 @@ def test_every_column_matches_hand_computed_values() -> None:
 
 def test_sample_seen_twice_contributes_its_mean() -> None:
     rec = DynamicsRecorder(num_samples=2, num_classes=2)
-    rec.update(torch.tensor([0, 0, 1]), torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 1.0]]),
-               torch.tensor([0, 0, 1]))
+    rec.update(
+        torch.tensor([0, 0, 1]),
+        torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 1.0]]),
+        torch.tensor([0, 0, 1]),
+    )
     rec.end_epoch()
     row = rec.report().set_index("sample_id").loc[0]
     expected = (softmax([2.0, 0.0])[0] + 0.5) / 2
@@ -188,16 +191,20 @@ def test_state_dict_round_trip_continues_identically() -> None:
     partial = DynamicsRecorder(num_samples=4)
     for batch in SCRIPT[0]:
         ids = torch.tensor([i for i, _ in batch])
-        partial.update(ids, torch.tensor([z for _, z in batch]),
-                       torch.tensor([LABELS[i] for i, _ in batch]))
+        partial.update(
+            ids, torch.tensor([z for _, z in batch]), torch.tensor([LABELS[i] for i, _ in batch])
+        )
     partial.end_epoch()
     resumed = DynamicsRecorder(num_samples=4)
     resumed.load_state_dict(partial.state_dict())
     for epoch in SCRIPT[1:]:
         for batch in epoch:
             ids = torch.tensor([i for i, _ in batch])
-            resumed.update(ids, torch.tensor([z for _, z in batch]),
-                           torch.tensor([LABELS[i] for i, _ in batch]))
+            resumed.update(
+                ids,
+                torch.tensor([z for _, z in batch]),
+                torch.tensor([LABELS[i] for i, _ in batch]),
+            )
         resumed.end_epoch()
     pd.testing.assert_frame_equal(resumed.report(), full.report())
     with pytest.raises(ValueError, match="tracked 4 samples"):

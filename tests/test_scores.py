@@ -11,11 +11,13 @@ from torchdebug.scores import REPORT_COLUMNS, Aggregates, build_report, flag_sam
 
 def populations(noisy: int = 200, clean: int = 1800, seed: int = 0) -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(seed)
-    aum = np.concatenate([
-        rng.normal(3.0, 1.0, clean - 200),  # learned clean samples
-        rng.normal(0.3, 0.5, 200),  # hard clean samples
-        rng.normal(-2.5, 0.8, noisy),  # mislabeled samples
-    ])
+    aum = np.concatenate(
+        [
+            rng.normal(3.0, 1.0, clean - 200),  # learned clean samples
+            rng.normal(0.3, 0.5, 200),  # hard clean samples
+            rng.normal(-2.5, 0.8, noisy),  # mislabeled samples
+        ]
+    )
     truth = np.r_[np.zeros(clean, bool), np.ones(noisy, bool)]
     return aum, truth
 

@@ -343,9 +343,7 @@ class NoisyImageDataModule(L.LightningDataModule):
         else:
             images, labels = load_fashion_mnist(hp.data_dir, "train")
             test_images, test_labels = load_fashion_mnist(hp.data_dir, "test")
-            self.val_dataset = TensorDataset(
-                test_images[: hp.val_size], test_labels[: hp.val_size]
-            )
+            self.val_dataset = TensorDataset(test_images[: hp.val_size], test_labels[: hp.val_size])
         images, labels = seeded_subset(images, labels, hp.num_samples, hp.seed)
         noisy, flipped = inject_label_noise(labels, hp.noise_rate, 10, hp.seed)
         self.clean_labels, self.flipped = labels, flipped
