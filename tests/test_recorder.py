@@ -212,7 +212,7 @@ def test_state_dict_round_trip_continues_identically() -> None:
 
 
 def test_state_bytes_per_sample_is_small() -> None:
-    assert DynamicsRecorder(num_samples=10).state_bytes_per_sample <= 80
+    assert DynamicsRecorder(num_samples=10).state_bytes_per_sample <= 64
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -27,13 +27,15 @@ ReduceFn = Callable[[Tensor, str], Tensor]
 
 # Epoch accumulators: name -> (dtype, fill value, reduction across ranks).
 _EPOCH_FIELDS: dict[str, tuple[torch.dtype, float, str]] = {
-    "count": (torch.float32, 0.0, "sum"),
+    "count": (torch.int16, 0, "sum"),
     "loss": (torch.float32, 0.0, "sum"),
     "prob": (torch.float32, 0.0, "sum"),
     "margin": (torch.float32, 0.0, "sum"),
     "grad": (torch.float32, 0.0, "sum"),
-    "correct": (torch.float32, 0.0, "sum"),
+    "correct": (torch.int16, 0, "sum"),
     "other": (torch.int16, -1, "max"),
+    # Non-finite presentations this epoch; one byte: a sample is not shown 255 times an epoch.
+    "nonfinite": (torch.uint8, 0, "sum"),
 }
 # Running aggregates over epochs: name -> (dtype, fill value).
 _AGGREGATE_FIELDS: dict[str, tuple[torch.dtype, float]] = {
@@ -51,9 +53,10 @@ _AGGREGATE_FIELDS: dict[str, tuple[torch.dtype, float]] = {
     "vote_count": (torch.int16, 0),
     "label": (torch.int16, -1),
     "prediction": (torch.int16, -1),
+    "nonfinite": (torch.int16, 0),
 }
 # Bookkeeping of bad input, reduced across ranks with the epoch accumulators.
-_EXTRA_REDUCE = {"nonfinite": "sum", "bad_count": "sum", "bad_id": "max", "bad_label": "max"}
+_EXTRA_REDUCE = {"bad_count": "sum", "bad_id": "max", "bad_label": "max"}
 _ALL_FIELDS = {**{f"epoch_{k}": v[:2] for k, v in _EPOCH_FIELDS.items()}, **_AGGREGATE_FIELDS}
 _MAX_CLASSES = torch.iinfo(torch.int16).max
 
@@ -207,16 +210,17 @@ class DynamicsRecorder:
             stats["grad"] = grad_norm.detach().float().to(self.device).reshape(-1)
 
         s = self._state
-        s["epoch_count"].index_add_(0, slot, torch.ones_like(stats["prob"]))
+        one = torch.ones_like(ids, dtype=torch.int16)
+        s["epoch_count"].index_add_(0, slot, one)
         for name in ("loss", "prob", "margin", "grad"):
             s[f"epoch_{name}"].index_add_(0, slot, stats[name])
-        s["epoch_correct"].index_add_(0, slot, stats["correct"].float())
+        s["epoch_correct"].index_add_(0, slot, stats["correct"].to(torch.int16))
         s["epoch_other"].index_copy_(0, slot, stats["other"].to(torch.int16))
         s["prediction"].index_copy_(0, slot, stats["prediction"].to(torch.int16))
         s["label"].index_copy_(0, slot, safe_targets.to(torch.int16))
 
         nonfinite_slot = torch.where(valid_id & ~finite, ids, spare)
-        s["nonfinite"].index_add_(0, nonfinite_slot, torch.ones_like(ids, dtype=torch.int32))
+        s["epoch_nonfinite"].index_add_(0, nonfinite_slot, one.to(torch.uint8))
 
     def end_epoch(self, reduce_fn: ReduceFn | None = None) -> None:
         """Folds the running epoch into the aggregates and starts a new epoch.
@@ -256,7 +260,6 @@ class DynamicsRecorder:
             return Aggregates.empty(self.epochs_recorded)
         n = self.num_samples
         arrays = {k: self._state[k][:n].cpu().numpy() for k in _AGGREGATE_FIELDS}
-        arrays["nonfinite"] = self._state["nonfinite"][:n].cpu().numpy()
         return Aggregates(
             epochs_recorded=self.epochs_recorded,
             num_classes=int(self.num_classes or 0),
@@ -330,7 +333,6 @@ class DynamicsRecorder:
             name: torch.full((size,), fill, dtype=dtype, device=device)
             for name, (dtype, fill) in _ALL_FIELDS.items()
         }
-        self._state["nonfinite"] = torch.zeros(size, dtype=torch.int32, device=device)
         self._state["bad_count"] = torch.zeros(1, dtype=torch.int64, device=device)
         self._state["bad_id"] = torch.full((1,), -(2**62), dtype=torch.int64, device=device)
         self._state["bad_label"] = torch.zeros(1, dtype=torch.int64, device=device)
@@ -379,7 +381,7 @@ class DynamicsRecorder:
 
     def _fold_epoch(self) -> None:
         s = self._state
-        count = s["epoch_count"]
+        count = s["epoch_count"].float()
         seen = count > 0
         safe = count.clamp_min(1.0)
         prob = s["epoch_prob"] / safe
@@ -397,6 +399,7 @@ class DynamicsRecorder:
         for name in ("loss", "margin", "grad"):
             s[f"{name}_sum"].add_(torch.where(seen, s[f"epoch_{name}"] / safe, 0.0))
         s["correct_sum"].add_(torch.where(seen, correct_frac, 0.0))
+        s["nonfinite"].add_(s["epoch_nonfinite"].to(torch.int16))
 
         forgotten = seen & (s["last_correct"] == 1) & (correct_now == 0)
         s["forgetting"].add_(forgotten.to(torch.int16))
