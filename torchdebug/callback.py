@@ -104,6 +104,7 @@ class TrainingDynamics(Callback):
         self._sampler_error: Exception | None = None
         self._dataset_size: int | None = None
         self._fit_loop: Any = None
+        self._log_dir: Path | None = None
 
     @property
     def state_key(self) -> str:
@@ -129,6 +130,10 @@ class TrainingDynamics(Callback):
         if self._fit_loop is not None:
             self._fit_loop.__dict__.pop("_load_combined_loader_states", None)
             self._fit_loop = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Trainer.log_dir is a collective under DDP: every rank asks, here, once.
+        self._log_dir = Path(trainer.log_dir or trainer.default_root_dir)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -180,10 +185,10 @@ class TrainingDynamics(Callback):
         report = self.recorder.report()
         epoch = self.recorder.epochs_recorded - 1
         if self.write_report:
-            path = Path(trainer.log_dir or trainer.default_root_dir)
+            log_dir = self._log_dir or Path(trainer.default_root_dir)
             self.report_path = write_report(
                 report,
-                path / REPORT_DIRNAME / REPORT_FILENAME,
+                log_dir / REPORT_DIRNAME / REPORT_FILENAME,
                 epoch=epoch,
                 epochs_recorded=self.recorder.epochs_recorded,
                 num_samples=self.recorder.num_samples,

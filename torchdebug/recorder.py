@@ -239,6 +239,7 @@ class DynamicsRecorder:
             return
         s = self._state
         if reduce_fn is not None:
+            self._reduce_last_seen(reduce_fn)
             for name, (_, _, op) in _EPOCH_FIELDS.items():
                 s[f"epoch_{name}"].copy_(reduce_fn(s[f"epoch_{name}"], op))
             for name, op in _EXTRA_REDUCE.items():
@@ -246,6 +247,15 @@ class DynamicsRecorder:
         self._fold_epoch()
         self.epochs_recorded += 1
         self._raise_bad_input()
+
+    def _reduce_last_seen(self, reduce_fn: ReduceFn) -> None:
+        """Shares the label and prediction of samples seen this epoch with every rank."""
+        s = self._state
+        seen_here = s["epoch_count"] > 0
+        for name in ("label", "prediction"):
+            mine = torch.where(seen_here, s[name], torch.full_like(s[name], -1))
+            everyone = reduce_fn(mine, "max")
+            s[name].copy_(torch.where(everyone >= 0, everyone, s[name]))
 
     def report(self) -> pd.DataFrame:
         """Returns the per-sample table: one row per sample seen in at least one epoch.
