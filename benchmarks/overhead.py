@@ -22,6 +22,13 @@ Two times per run:
 - fit time: wall time of the whole ``trainer.fit``, which adds data loading and the
   callback's epoch-end work (scoring every sample and writing the Parquet report).
 
+On a shared machine whose speed drifts during a run, two more figures hold up better: the
+ratio of the median per-batch step times, and the hook share, the fraction of the step
+time of a "with" run spent inside the callback's own per-batch hooks (measured in that
+same run, so a slowdown scales both parts). The hook share leaves out the forward hooks
+that catch the logits and the sampler wrapper that records ids (the latter runs during
+data loading).
+
 Validation is switched off, as it is the same on both sides. Torch keeps its default
 number of threads. Prints a Markdown table and writes ``benchmarks/results/overhead.json``.
 """
@@ -59,8 +66,7 @@ class StepClock:
     """
 
     def __init__(self) -> None:
-        self.seconds = 0.0
-        self.batches = 0
+        self.batch_seconds: list[float] = []
         self._start = 0.0
         self.opener = _Opener(self)
         self.closer = _Closer(self)
@@ -79,8 +85,25 @@ class _Closer(Callback):
         self.clock = clock
 
     def on_train_batch_end(self, *args: Any) -> None:
-        self.clock.seconds += time.perf_counter() - self.clock._start
-        self.clock.batches += 1
+        self.clock.batch_seconds.append(time.perf_counter() - self.clock._start)
+
+
+class TimedDynamics(TrainingDynamics):
+    """``TrainingDynamics`` that also sums the time spent in its own per-batch hooks."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.hook_seconds = 0.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        start = time.perf_counter()
+        super().on_train_batch_start(*args)
+        self.hook_seconds += time.perf_counter() - start
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        start = time.perf_counter()
+        super().on_train_batch_end(*args)
+        self.hook_seconds += time.perf_counter() - start
 
 
 def run_once(
@@ -91,12 +114,12 @@ def run_once(
     with_callback: bool,
     max_steps: int = -1,
 ) -> dict[str, float]:
-    """Trains a fresh model once; returns its step time, fit time and batch count."""
+    """Trains a fresh model once; returns its step, batch-median, fit and hook times."""
     L.seed_everything(seed, verbose=False)
     model = ImageClassifier("cnn", image_size=image_size)
     clock = StepClock()
     with tempfile.TemporaryDirectory() as root:
-        extra = [TrainingDynamics(tensorboard=False, write_report=True)] if with_callback else []
+        extra = [TimedDynamics(tensorboard=False, write_report=True)] if with_callback else []
         trainer = L.Trainer(
             max_epochs=epochs,
             max_steps=max_steps,
@@ -118,7 +141,13 @@ def run_once(
         fit_seconds = time.perf_counter() - start
         if with_callback:
             assert (Path(root) / "torchdebug" / "samples.parquet").is_file()
-    return {"step_s": clock.seconds, "fit_s": fit_seconds, "batches": clock.batches}
+    return {
+        "step_s": sum(clock.batch_seconds),
+        "batch_median_s": statistics.median(clock.batch_seconds),
+        "fit_s": fit_seconds,
+        "hook_s": extra[0].hook_seconds if extra else 0.0,
+        "batches": len(clock.batch_seconds),
+    }
 
 
 def make_datamodule(data_dir: str | None, seed: int) -> tuple[NoisyImageDataModule, int]:
@@ -148,6 +177,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning vs newer torch
 
     datamodule, image_size = make_datamodule(args.data_dir, args.seed)
     dataset = datamodule.hparams.dataset
@@ -170,6 +200,9 @@ def main() -> None:
                 "step_s_with": with_["step_s"],
                 "step_s_without": without["step_s"],
                 "step_ratio": with_["step_s"] / without["step_s"],
+                "batch_median_ratio": with_["batch_median_s"] / without["batch_median_s"],
+                "hook_s": with_["hook_s"],
+                "hook_share": with_["hook_s"] / with_["step_s"],
                 "fit_s_with": with_["fit_s"],
                 "fit_s_without": without["fit_s"],
                 "fit_ratio": with_["fit_s"] / without["fit_s"],
@@ -181,6 +214,11 @@ def main() -> None:
     result = {
         "step_ratio_median": statistics.median(p["step_ratio"] for p in pairs),
         "fit_ratio_median": statistics.median(p["fit_ratio"] for p in pairs),
+        "batch_median_ratio_median": statistics.median(p["batch_median_ratio"] for p in pairs),
+        "hook_share_median": statistics.median(p["hook_share"] for p in pairs),
+        "hook_ms_per_batch_median": statistics.median(
+            1e3 * p["hook_s"] / p["batches"] for p in pairs
+        ),
         "pairs": pairs,
         "dataset": dataset,
         "samples": samples,
@@ -204,21 +242,24 @@ def main() -> None:
 def markdown(result: dict[str, Any]) -> str:
     """The per-pair table and the medians, as Markdown."""
     lines = [
-        "| pair | order | step s with | step s without | step ratio "
-        "| fit s with | fit s without | fit ratio |",
+        "| pair | order | step s with | step s without | step ratio | batch-median ratio "
+        "| hook share | fit ratio |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for i, p in enumerate(result["pairs"]):
         lines.append(
             f"| {i} | {p['order']} | {p['step_s_with']:.2f} | {p['step_s_without']:.2f} "
-            f"| {p['step_ratio']:.3f} | {p['fit_s_with']:.2f} | {p['fit_s_without']:.2f} "
-            f"| {p['fit_ratio']:.3f} |"
+            f"| {p['step_ratio']:.3f} | {p['batch_median_ratio']:.3f} "
+            f"| {100 * p['hook_share']:.1f}% | {p['fit_ratio']:.3f} |"
         )
     lines += [
         "",
         f"**Median step-time ratio (with / without): {result['step_ratio_median']:.3f}**",
         f"Median whole-fit ratio (adds epoch-end scoring and report writing): "
         f"{result['fit_ratio_median']:.3f}",
+        f"Median ratio of per-batch median step times: {result['batch_median_ratio_median']:.3f}",
+        f"Median hook share of the step time: {100 * result['hook_share_median']:.1f}% "
+        f"({result['hook_ms_per_batch_median']:.2f} ms per batch)",
         f"{result['dataset']}, {result['samples']} samples, {result['epochs']} epoch(s), "
         f"batch {result['batch_size']}, torch threads {result['torch_threads']} "
         f"(interop {result['torch_interop_threads']}), {result['cpu_count']} CPUs",
