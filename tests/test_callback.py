@@ -351,3 +351,42 @@ def test_bad_options_fail_at_construction() -> None:
         TrainingDynamics(num_samples=0)
     with pytest.raises(ValueError, match="logits_module"):
         TrainingDynamics(logits_module=" ")
+
+
+class LearnedModule(L.LightningModule):
+    """A small linear classifier; under bf16 autocast its logits come out in bf16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(1, NUM_CLASSES)
+        self.seen: list[tuple[Tensor, Tensor]] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x / 100.0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        self.seen.append((x[:, 0].long(), logits.detach()))
+        return F.cross_entropy(logits, y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_bf16_mixed_precision_statistics_are_float32(tmp_path: Path) -> None:
+    loader = DataLoader(IndexedInputs(16), batch_size=16, shuffle=False)
+    dynamics, module = TrainingDynamics(), LearnedModule()
+    make_trainer(tmp_path, [dynamics], epochs=1, precision="bf16-mixed").fit(module, loader)
+
+    ((ids, logits),) = module.seen
+    assert logits.dtype == torch.bfloat16
+    z = logits.float()
+    y = ids % NUM_CLASSES
+    given = z.gather(1, y[:, None])[:, 0]
+    other = z.scatter(1, y[:, None], float("-inf")).max(dim=1).values
+    report = dynamics.report().set_index("sample_id")
+    assert dynamics.recorder._state["epoch_loss"].dtype == torch.float32
+    np.testing.assert_array_equal(report.loc[ids.numpy(), "aum"], (given - other).numpy())
+    expected_loss = F.cross_entropy(z, y, reduction="none")
+    np.testing.assert_allclose(report.loc[ids.numpy(), "loss_mean"], expected_loss, rtol=1e-6)
