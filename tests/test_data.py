@@ -14,6 +14,7 @@ from torchdebug.data import (
     DIGITS_CLASSES,
     FASHION_MNIST_CLASSES,
     NoisyImageDataModule,
+    confusable_classes,
     inject_label_noise,
     load_digits,
     load_fashion_mnist,
@@ -267,3 +268,29 @@ def test_noisy_image_datamodule_fashion_mnist_validates_on_clean_test_split(
     (val_x, val_y) = next(iter(dm.val_dataloader()))
     assert val_x.shape == (5, 1, 28, 28)
     assert val_y.tolist() == test_y[:5].tolist()
+
+
+def test_class_conditional_noise_follows_the_reference_confusions() -> None:
+    labels = torch.arange(300) % 3
+    # The reference model confuses class 0 with 2, 1 with 0 and 2 with 1.
+    probs = torch.full((300, 3), 0.1)
+    probs[labels == 0, 2] = 0.3
+    probs[labels == 1, 0] = 0.3
+    probs[labels == 2, 1] = 0.3
+    probs[torch.arange(300), labels] = 0.6
+    assert confusable_classes(labels, probs).tolist() == [2, 0, 1]
+    noisy, flipped = inject_label_noise(labels, 0.4, 3, 0, "class_conditional", probs)
+    assert int(flipped.sum()) == 120
+    assert noisy[flipped].tolist() == [[2, 0, 1][y] for y in labels[flipped].tolist()]
+    assert torch.equal(noisy[~flipped], labels[~flipped])
+
+
+def test_instance_noise_moves_each_label_to_its_most_likely_wrong_class() -> None:
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    probs = torch.softmax(torch.randn(10, 3, generator=torch.Generator().manual_seed(3)), 1)
+    noisy, flipped = inject_label_noise(labels, 0.5, 3, 1, "instance", probs)
+    for i in torch.nonzero(flipped).flatten().tolist():
+        others = [k for k in range(3) if k != labels[i]]
+        assert noisy[i] == max(others, key=lambda k: probs[i, k])
+    with pytest.raises(ValueError, match="needs reference_probs"):
+        inject_label_noise(labels, 0.5, 3, 1, "instance")

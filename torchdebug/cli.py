@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["main", "top_flagged"]
+__all__ = ["DEMO_SETTINGS", "main", "top_flagged"]
 
 _SUMMARY_COLUMNS = (
     "sample_id",
@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # Defaults per dataset: epochs, batch size, model and image size, chosen so the demo
 # finishes in well under three minutes on two CPU cores.
-_DEMO_SETTINGS = {
+DEMO_SETTINGS = {
     "digits": {"epochs": 20, "batch_size": 32, "model": "cnn", "image_size": 8},
     "fashion-mnist": {"epochs": 8, "batch_size": 128, "model": "cnn", "image_size": 28},
 }
@@ -92,7 +92,7 @@ def _demo(args: argparse.Namespace) -> int:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*val_dataloader.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    settings = _DEMO_SETTINGS[args.dataset]
+    settings = DEMO_SETTINGS[args.dataset]
     epochs = args.epochs or settings["epochs"]
     batch_size = args.batch_size or settings["batch_size"]
     L.seed_everything(args.seed, verbose=False)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +22,7 @@ __all__ = [
     "DIGITS_CLASSES",
     "FASHION_MNIST_CLASSES",
     "NoisyImageDataModule",
+    "confusable_classes",
     "inject_label_noise",
     "load_digits",
     "load_fashion_mnist",
@@ -167,7 +167,8 @@ def inject_label_noise(
     rate: float,
     num_classes: int,
     seed: int,
-    kind: Literal["symmetric"] = "symmetric",
+    kind: Literal["symmetric", "class_conditional", "instance"] = "symmetric",
+    reference_probs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Corrupt a known fraction of labels, for measuring how well noise is detected.
 
@@ -180,7 +181,14 @@ def inject_label_noise(
         num_classes: Number of classes (at least 2).
         seed: Seed of the draw; the same seed gives the same corruption.
         kind: Noise model. ``"symmetric"`` moves each chosen label to a uniformly random other
-            class.
+            class. ``"class_conditional"`` moves every chosen label of class ``j`` to one fixed
+            class, the one a reference model confuses with ``j`` most (highest mean
+            predicted probability among the other classes over the samples of class ``j``).
+            ``"instance"`` moves each chosen label to the class the reference model finds
+            most likely for that very sample among the wrong ones.
+        reference_probs: ``[N, num_classes]`` predicted probabilities of a reference model
+            (ideally out-of-sample, trained on clean labels); needed by the two kinds that
+            follow a model's confusions.
 
     Returns:
         ``(noisy_labels, flipped)``: a new int64 label tensor and a bool mask ``[N]`` that is
@@ -213,7 +221,18 @@ def inject_label_noise(
     n_flip = round(rate * clean.numel())
     chosen = torch.randperm(clean.numel(), generator=generator)[:n_flip]
     noisy = clean.clone()
-    noisy[chosen] = _NOISE_KINDS[kind](clean[chosen], num_classes, generator)
+    if kind == "symmetric":
+        noisy[chosen] = _symmetric_targets(clean[chosen], num_classes, generator)
+    else:
+        if reference_probs is None or tuple(reference_probs.shape) != (len(clean), num_classes):
+            raise ValueError(
+                f"kind={kind!r} needs reference_probs of shape [{len(clean)}, {num_classes}]"
+            )
+        probs = reference_probs.detach().to("cpu", torch.float64)
+        if kind == "class_conditional":
+            noisy[chosen] = confusable_classes(clean, probs)[clean[chosen]]
+        else:
+            noisy[chosen] = _most_likely_other(probs[chosen], clean[chosen])
     flipped = torch.zeros(clean.numel(), dtype=torch.bool)
     flipped[chosen] = True
     return noisy.to(labels.device), flipped.to(labels.device)
@@ -226,11 +245,36 @@ def _symmetric_targets(old: Tensor, num_classes: int, generator: torch.Generator
     return (old + offset) % num_classes
 
 
-# Maps a noise kind to a function (chosen labels, num_classes, generator) -> new labels. A
-# "class_conditional" kind would add an entry that samples from a per-class transition matrix.
-_NOISE_KINDS: dict[str, Callable[[Tensor, int, torch.Generator], Tensor]] = {
-    "symmetric": _symmetric_targets,
-}
+_NOISE_KINDS = ("symmetric", "class_conditional", "instance")
+
+
+def confusable_classes(labels: Tensor, probs: Tensor) -> Tensor:
+    """For each class ``j``, the other class a model confuses with ``j`` most.
+
+    Args:
+        labels: ``[N]`` clean labels.
+        probs: ``[N, C]`` predicted probabilities.
+
+    Returns:
+        ``[C]`` int64 tensor; entry ``j`` is ``argmax_{k != j}`` of the mean of ``probs``
+        over the samples of class ``j`` (``j + 1 mod C`` for a class with no sample).
+    """
+    num_classes = probs.shape[1]
+    target = torch.arange(num_classes)
+    for j in range(num_classes):
+        member = labels == j
+        if member.any():
+            mean = probs[member].mean(dim=0)
+            mean[j] = float("-inf")
+            target[j] = int(mean.argmax())
+        else:
+            target[j] = (j + 1) % num_classes
+    return target
+
+
+def _most_likely_other(probs: Tensor, labels: Tensor) -> Tensor:
+    """The most probable class other than each sample's own label."""
+    return probs.scatter(1, labels[:, None], float("-inf")).argmax(dim=1)
 
 
 def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> tuple[Path, str]:
