@@ -103,7 +103,16 @@ def main() -> None:
         result = _evaluate(setting, images, noisy, flipped.numpy(), args)
         results.append(result)
         print(_row_summary(result), flush=True)
+        payload = _save(results, args)  # after every setting: a long run keeps its results
 
+    table = markdown(payload)
+    (RESULTS / f"{_name(args)}.md").write_text(table)
+    print(table)
+    if args.readme:
+        _update_readme(table)
+
+
+def _save(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     command = "python benchmarks/detection.py" + (" --quick" if args.quick else "")
     payload = {
         "date": date.today().isoformat(),
@@ -115,13 +124,12 @@ def main() -> None:
         "results": results,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "detection_quick" if args.quick else "detection"
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1))
-    table = markdown(payload)
-    (RESULTS / f"{name}.md").write_text(table)
-    print(table)
-    if args.readme:
-        _update_readme(table)
+    (RESULTS / f"{_name(args)}.json").write_text(json.dumps(payload, indent=1))
+    return payload
+
+
+def _name(args: argparse.Namespace) -> str:
+    return "detection_quick" if args.quick else "detection"
 
 
 def _grid(args: argparse.Namespace) -> list[Setting]:
