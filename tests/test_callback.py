@@ -390,3 +390,28 @@ def test_bf16_mixed_precision_statistics_are_float32(tmp_path: Path) -> None:
     np.testing.assert_array_equal(report.loc[ids.numpy(), "aum"], (given - other).numpy())
     expected_loss = F.cross_entropy(z, y, reduction="none")
     np.testing.assert_allclose(report.loc[ids.numpy(), "loss_mean"], expected_loss, rtol=1e-6)
+
+
+class TupleModule(FixedModule):
+    """forward returns (logits, embedding) from two heads: the logits are ambiguous."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(1, NUM_CLASSES)
+        self.proj = nn.Linear(1, 16)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.head(x), self.proj(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        logits, _ = self(batch[0])
+        return F.cross_entropy(logits, batch[1])
+
+
+def test_ambiguous_logits_are_an_error_not_a_guess(tmp_path: Path) -> None:
+    loader = DataLoader(IndexedInputs(12), batch_size=4)
+    with pytest.raises(ValueError, match=r"'head' \[4, 3\], 'proj' \[4, 16\].*logits_module"):
+        make_trainer(tmp_path, [TrainingDynamics()], epochs=1).fit(TupleModule(), loader)
+    named = TrainingDynamics(logits_module="head")
+    make_trainer(tmp_path / "named", [named], epochs=1).fit(TupleModule(), loader)
+    assert named.report()["predicted_label"].max() < NUM_CLASSES

@@ -18,7 +18,7 @@ def test_demo_flags_the_injected_noise_on_digits(tmp_path: Path) -> None:
         [sys.executable, "-m", "torchdebug", "demo", "--root", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         check=True,
     )
     out = result.stdout

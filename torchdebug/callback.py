@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -148,13 +149,16 @@ class TrainingDynamics(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        captured = self._capture.disarm()
+        explicit = outputs.get("logits") if isinstance(outputs, Mapping) else None
+        captured = self._capture.disarm(needed=not isinstance(explicit, Tensor))
         # The sampler's queue advances for every batch, recorded or not, to stay aligned.
         sampled_ids = self._sampler.pending.popleft() if self._sampler_has_pending() else None
         if _skipped(pl_module, outputs):
             return
 
-        logits = _logits_from(outputs, captured, self.logits_module)
+        logits = explicit if isinstance(explicit, Tensor) else captured
+        if logits is None:
+            raise _no_logits_error(self.logits_module)
         targets = self._targets(outputs, batch)
         ids = self._ids(outputs, batch, sampled_ids, rows=logits.shape[0])
         self._ensure_recorder(trainer, logits).update(ids, logits, targets)
@@ -302,13 +306,18 @@ class TrainingDynamics(Callback):
 
 
 class _LogitsCapture:
-    """Forward hooks that keep the last classifier output produced during a train step."""
+    """Forward hooks that keep the classifier output produced during a train step.
+
+    The module's own output wins. Otherwise the direct children's ``[batch, k]`` outputs
+    (``k >= 2``) are candidates; when children of different widths produce them, which one
+    holds the logits cannot be told, and an error asks for ``logits_module``.
+    """
 
     def __init__(self) -> None:
         self._handles: list[Any] = []
         self._armed = False
         self._root: Tensor | None = None
-        self._child: Tensor | None = None
+        self._children: dict[str, Tensor] = {}
 
     def attach(self, pl_module: nn.Module, name: str | None) -> None:
         self.detach()
@@ -317,8 +326,9 @@ class _LogitsCapture:
             self._handles.append(module.register_forward_hook(self._keep_root))
             return
         self._handles.append(pl_module.register_forward_hook(self._keep_root))
-        for child in pl_module.children():
-            self._handles.append(child.register_forward_hook(self._keep_child))
+        for child_name, child in pl_module.named_children():
+            hook = functools.partial(self._keep_child, child_name)
+            self._handles.append(child.register_forward_hook(hook))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -326,21 +336,33 @@ class _LogitsCapture:
         self._handles = []
 
     def arm(self) -> None:
-        self._armed, self._root, self._child = True, None, None
+        self._armed, self._root, self._children = True, None, {}
 
-    def disarm(self) -> Tensor | None:
+    def disarm(self, needed: bool = True) -> Tensor | None:
+        """Stops capturing; returns the logits of the step (``None`` if none or not needed)."""
         self._armed = False
-        found = self._root if self._root is not None else self._child
-        self._root = self._child = None
-        return found
+        root, children = self._root, self._children
+        self._root, self._children = None, {}
+        if root is not None or not needed:
+            return root
+        widths = {tensor.shape[1] for tensor in children.values()}
+        if len(widths) > 1:
+            found = ", ".join(f"{name!r} {list(t.shape)}" for name, t in children.items())
+            raise ValueError(
+                "torchdebug cannot tell which output holds the logits: the module's forward "
+                f"returned no single tensor, and several submodules gave [batch, k] outputs "
+                f"({found}). Name the classifier with TrainingDynamics(logits_module=...) or "
+                "return {'loss': loss, 'logits': logits} from training_step."
+            )
+        return next(reversed(children.values()), None)
 
     def _keep_root(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._armed and _looks_like_logits(output):
             self._root = output
 
-    def _keep_child(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._armed and _looks_like_logits(output):
-            self._child = output
+    def _keep_child(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        if self._armed and _looks_like_logits(output) and output.shape[1] >= 2:
+            self._children[name] = output
 
 
 def _skipped(pl_module: pl.LightningModule, outputs: Any) -> bool:
@@ -354,13 +376,9 @@ def _looks_like_logits(output: Any) -> bool:
     return isinstance(output, Tensor) and output.dim() == 2 and output.is_floating_point()
 
 
-def _logits_from(outputs: Any, captured: Tensor | None, logits_module: str | None) -> Tensor:
-    if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), Tensor):
-        return outputs["logits"]
-    if captured is not None:
-        return captured
+def _no_logits_error(logits_module: str | None) -> ValueError:
     where = f"submodule {logits_module!r}" if logits_module else "module or its children"
-    raise ValueError(
+    return ValueError(
         f"torchdebug saw no [batch, classes] logits from the {where} during training_step. "
         "Return {'loss': loss, 'logits': logits} from training_step, or name the classifier "
         "with TrainingDynamics(logits_module='...')."

@@ -144,7 +144,7 @@ def _demo(args: argparse.Namespace) -> int:
     table.insert(2, "true_label", labels.numpy()[table["sample_id"].to_numpy()])
     table["flipped"] = truth[table.index.to_numpy()]
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"\nflags: {report['flag'].replace('', 'none').value_counts().to_dict()}")
+    print(f"\nflags: {report['flag'].replace('', 'unflagged').value_counts().to_dict()}")
     print(
         f"against the injected flips: AUROC {auroc:.4f}, precision {precision:.3f}, "
         f"recall {recall:.3f} of the 'mislabeled' flag ({int(flagged.sum())} flagged, "
@@ -163,7 +163,7 @@ def _summary(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         print(f"torchdebug: {err}", file=sys.stderr)
         return 1
-    counts = report["flag"].replace("", "none").value_counts().to_dict()
+    counts = report["flag"].replace("", "unflagged").value_counts().to_dict()
     print(f"{len(report)} samples; flags: {counts}")
     table = top_flagged(report, args.top).loc[:, list(_SUMMARY_COLUMNS)]
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
