@@ -222,8 +222,8 @@ def test_noise_rejects_bad_rate(rate: float) -> None:
 
 def test_noise_rejects_bad_kind_and_labels() -> None:
     labels = torch.zeros(10, dtype=torch.long)
-    with pytest.raises(ValueError, match="kind"):
-        inject_label_noise(labels, 0.1, num_classes=3, seed=0, kind="class_conditional")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown noise kind 'pairwise'"):
+        inject_label_noise(labels, 0.1, 3, 0, kind="pairwise")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="labels"):
         inject_label_noise(labels + 5, 0.1, num_classes=3, seed=0)
     with pytest.raises(ValueError, match="num_classes"):
