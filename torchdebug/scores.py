@@ -81,8 +81,9 @@ def build_report(agg: Aggregates) -> pd.DataFrame:
     - ``given_label``: ``y``, the label at the last presentation.
     - ``predicted_label``: arg-max of the logits at the last presentation.
     - ``suggested_label``: ``y`` if ``aum > 0`` (the model prefers the given label on
-      average), else the class that most often had the largest non-given logit (majority
-      vote over epochs).
+      average), else the class that most often had the largest non-given logit (a
+      streaming Boyer-Moore majority vote over epochs: exact whenever one class wins more
+      than half of them).
     - ``epochs_seen``: ``n``.
     - ``loss_mean``: mean over ``E`` of the cross-entropy ``-log p_e``.
     - ``confidence``: ``mean_e p_e``, in [0, 1].
