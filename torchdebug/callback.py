@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchdebug.recorder import DynamicsRecorder
 from torchdebug.report import REPORT_DIRNAME, REPORT_FILENAME, write_report
 from torchdebug.sampling import RecordingBatchSampler, as_id_tensor, record_indices
+from torchdebug.scores import Aggregates, build_report
 from torchdebug.tensorboard import log_epoch
 
 __all__ = ["TARGET_KEYS", "TrainingDynamics"]
@@ -103,7 +104,6 @@ class TrainingDynamics(Callback):
         self._capture = _LogitsCapture()
         self._sampler: RecordingBatchSampler | None = None
         self._sampler_error: Exception | None = None
-        self._dataset_size: int | None = None
         self._fit_loop: Any = None
         self._log_dir: Path | None = None
 
@@ -114,7 +114,7 @@ class TrainingDynamics(Callback):
     def report(self) -> pd.DataFrame:
         """The per-sample report over the completed epochs (columns in the README)."""
         if self.recorder is None:
-            return DynamicsRecorder(1).report()
+            return build_report(Aggregates.empty())
         return self.recorder.report()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -209,7 +209,7 @@ class TrainingDynamics(Callback):
     def _ensure_recorder(self, trainer: pl.Trainer, logits: Tensor) -> DynamicsRecorder:
         if self.recorder is not None:
             return self.recorder
-        num_samples = self.num_samples or self._dataset_size or _train_dataset_size(trainer)
+        num_samples = self.num_samples or _train_dataset_size(trainer)
         if num_samples is None:
             raise ValueError(
                 "torchdebug cannot tell how many samples the training set has. Pass "
@@ -299,7 +299,6 @@ class TrainingDynamics(Callback):
             rank_zero_warn("torchdebug tracks only the first of several train dataloaders.")
         try:
             self._sampler = record_indices(loaders[0])
-            self._dataset_size = len(loaders[0].dataset)
             self._sampler_error = None
         except TypeError as err:
             self._sampler, self._sampler_error = None, err

@@ -248,15 +248,6 @@ class DynamicsRecorder:
         self.epochs_recorded += 1
         self._raise_bad_input()
 
-    def _reduce_last_seen(self, reduce_fn: ReduceFn) -> None:
-        """Shares the label and prediction of samples seen this epoch with every rank."""
-        s = self._state
-        seen_here = s["epoch_count"] > 0
-        for name in ("label", "prediction"):
-            mine = torch.where(seen_here, s[name], torch.full_like(s[name], -1))
-            everyone = reduce_fn(mine, "max")
-            s[name].copy_(torch.where(everyone >= 0, everyone, s[name]))
-
     def report(self) -> pd.DataFrame:
         """Returns the per-sample table: one row per sample seen in at least one epoch.
 
@@ -388,6 +379,15 @@ class DynamicsRecorder:
             )
         more = f" ({count} bad rows in all; they were not recorded)" if count > 1 else ""
         return SampleError(f"{what}{more}.")
+
+    def _reduce_last_seen(self, reduce_fn: ReduceFn) -> None:
+        """Shares the label and prediction of samples seen this epoch with every rank."""
+        s = self._state
+        seen_here = s["epoch_count"] > 0
+        for name in ("label", "prediction"):
+            mine = torch.where(seen_here, s[name], torch.full_like(s[name], -1))
+            everyone = reduce_fn(mine, "max")
+            s[name].copy_(torch.where(everyone >= 0, everyone, s[name]))
 
     def _fold_epoch(self) -> None:
         s = self._state

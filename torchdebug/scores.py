@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
+    "FLAGS",
     "REPORT_COLUMNS",
     "Aggregates",
     "build_report",
@@ -275,12 +276,8 @@ def _mixture_posterior(evidence: np.ndarray, seed: int = 0) -> tuple[np.ndarray,
 
 
 def _empty_report() -> pd.DataFrame:
-    columns = {name: pd.Series(dtype=np.int64) for name in REPORT_COLUMNS}
-    for name in ("loss_mean", "confidence", "variability", "correctness", "aum"):
-        columns[name] = pd.Series(dtype=np.float64)
-    for name in ("grad_norm_mean", "mislabel_score"):
-        columns[name] = pd.Series(dtype=np.float64)
-    columns["first_learned_epoch"] = pd.Series(dtype="Int64")
-    columns["flag"] = pd.Series(dtype=object)
-    columns["nonfinite_events"] = pd.Series(dtype=np.int64)
-    return pd.DataFrame(columns)
+    floats = {"loss_mean", "confidence", "variability", "correctness", "aum"}
+    floats |= {"grad_norm_mean", "mislabel_score"}
+    dtypes = {name: np.float64 if name in floats else np.int64 for name in REPORT_COLUMNS}
+    dtypes.update(first_learned_epoch="Int64", flag=object, nonfinite_events=np.int64)
+    return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in dtypes.items()})

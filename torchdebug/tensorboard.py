@@ -7,11 +7,10 @@ import pandas as pd
 from torch.utils.tensorboard import SummaryWriter
 
 from torchdebug.figures import data_map_figure
+from torchdebug.scores import FLAGS
 
-__all__ = ["FLAGS", "HISTOGRAM_COLUMNS", "log_epoch"]
+__all__ = ["HISTOGRAM_COLUMNS", "log_epoch"]
 
-FLAGS: tuple[str, ...] = ("mislabeled", "hard", "ambiguous")
-"""Flags that get a count scalar, in the report's ``flag`` vocabulary."""
 
 HISTOGRAM_COLUMNS: dict[str, str] = {
     "confidence": "confidence",
