@@ -278,7 +278,7 @@ def markdown(payload: dict[str, Any]) -> str:
         "| train sample-epochs | train s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    shown = ("torchdebug", "torchdebug aum", "cleanlab in-sample")
+    shown = ("torchdebug", "cleanlab in-sample")
     for result in payload["results"]:
         cv = next(m for m in result["methods"] if m.endswith("-fold CV"))
         for name in (*shown, cv):
@@ -289,6 +289,22 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"| {m['auroc']:.4f} | {m['ap']:.3f} | {m['p_at_k']:.3f} | {' | '.join(flags)} "
                 f"| {m['sample_epochs']:,} | {m['seconds']:.0f} |"
             )
+    lines += [
+        "",
+        "AUROC of each single score of the report (sign chosen so higher = more suspect):",
+        "",
+        "| dataset | noise | rate | " + " | ".join(SINGLE_SCORES) + " |",
+        "|---|---|---|" + "---|" * len(SINGLE_SCORES),
+    ]
+    for result in payload["results"]:
+        aurocs = [
+            f"{result['methods'][f'torchdebug {name}']['auroc']:.4f}" for name in SINGLE_SCORES
+        ]
+        lines.append(
+            f"| {result['dataset']} | {result['noise']} | {result['rate']:.0%} | "
+            + " | ".join(aurocs)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -6,11 +6,18 @@ Run::
     python benchmarks/overhead.py --pairs 5 --epochs 1 --data-dir path/to/fashion-mnist
 
 What it measures: the same training (``ImageClassifier("cnn")``, batch 128, on a 10k subset
-of Fashion-MNIST when its files are found, else on scikit-learn's 1797 digits) run with and
-without ``TrainingDynamics(tensorboard=False)`` in one process. Runs come in pairs, the
-order inside a pair alternating (with/without, then without/with, ...), each run a fresh
-model from the same seed, so drift of the machine (thermal, caches) hits both sides alike.
-One short untimed run first pays the one-off costs (lazy imports, allocator warm-up).
+of Fashion-MNIST when its files are found, else on scikit-learn's 1797 digits) run without
+the callback and with it under each recording option, in one process:
+
+- ``record``: ``TrainingDynamics(tensorboard=False, write_report=False)``, recording only;
+- ``report``: ``TrainingDynamics(tensorboard=False)``, plus the Parquet report each epoch;
+- ``default``: ``TrainingDynamics()`` as a user adds it, with the report and the TensorBoard
+  views (both sides of this pair log to a ``TensorBoardLogger``).
+
+Runs come in rounds: in each round every option is paired with its own run without the
+callback, the order inside a pair alternating from round to round, each run a fresh model
+from the same seed, so drift of the machine (thermal, caches) hits both sides alike. One
+short untimed run first pays the one-off costs (lazy imports, allocator warm-up).
 
 Two times per run:
 
@@ -28,6 +35,10 @@ time of a "with" run spent inside the callback's own per-batch hooks (measured i
 same run, so a slowdown scales both parts). The hook share leaves out the forward hooks
 that catch the logits and the sampler wrapper that records ids (the latter runs during
 data loading).
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` of each run; on the CPU, the
+peak resident set size sampled at every batch end and epoch end of each run. Both are
+reported for the run with the callback and the one without.
 
 Validation is switched off, as it is the same on both sides. Torch keeps its default
 number of threads. Prints a Markdown table and writes ``benchmarks/results/overhead.json``.
@@ -50,6 +61,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from torchdebug import TrainingDynamics
 from torchdebug.data import NoisyImageDataModule
@@ -57,9 +69,16 @@ from torchdebug.models import ImageClassifier
 
 RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
 
+# Recording option -> TrainingDynamics arguments, and whether the Trainer has a logger.
+OPTIONS: dict[str, tuple[dict[str, bool], bool]] = {
+    "record": ({"tensorboard": False, "write_report": False}, False),
+    "report": ({"tensorboard": False}, False),
+    "default": ({}, True),
+}
+
 
 class StepClock:
-    """Sums per-batch step time; its two callbacks go first and last in ``callbacks``.
+    """Sums per-batch step time and samples peak memory; goes first and last in ``callbacks``.
 
     Lightning calls a hook on the callbacks in list order, so the opener's batch start runs
     before any other callback's and the closer's batch end after all of theirs.
@@ -67,9 +86,13 @@ class StepClock:
 
     def __init__(self) -> None:
         self.batch_seconds: list[float] = []
+        self.peak_rss = 0
         self._start = 0.0
         self.opener = _Opener(self)
         self.closer = _Closer(self)
+
+    def sample_memory(self) -> None:
+        self.peak_rss = max(self.peak_rss, resident_bytes())
 
 
 class _Opener(Callback):
@@ -86,6 +109,10 @@ class _Closer(Callback):
 
     def on_train_batch_end(self, *args: Any) -> None:
         self.clock.batch_seconds.append(time.perf_counter() - self.clock._start)
+        self.clock.sample_memory()
+
+    def on_train_epoch_end(self, *args: Any) -> None:
+        self.clock.sample_memory()  # after the callback's epoch-end scoring and writing
 
 
 class TimedDynamics(TrainingDynamics):
@@ -106,26 +133,40 @@ class TimedDynamics(TrainingDynamics):
         self.hook_seconds += time.perf_counter() - start
 
 
+def resident_bytes() -> int:
+    """Current resident set size of this process, in bytes (0 where /proc is missing)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
 def run_once(
     datamodule: NoisyImageDataModule,
     image_size: int,
     epochs: int,
     seed: int,
+    option: str,
     with_callback: bool,
     max_steps: int = -1,
 ) -> dict[str, float]:
-    """Trains a fresh model once; returns its step, batch-median, fit and hook times."""
+    """Trains a fresh model once; returns its step, batch-median, fit and hook times and
+    its peak memory. ``option`` picks the callback arguments and whether a logger is on."""
     L.seed_everything(seed, verbose=False)
     model = ImageClassifier("cnn", image_size=image_size)
     clock = StepClock()
+    kwargs, with_logger = OPTIONS[option]
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as root:
-        extra = [TimedDynamics(tensorboard=False, write_report=True)] if with_callback else []
+        extra = [TimedDynamics(**kwargs)] if with_callback else []
         trainer = L.Trainer(
             max_epochs=epochs,
             max_steps=max_steps,
-            accelerator="cpu",
             default_root_dir=root,
-            logger=False,
+            logger=TensorBoardLogger(root, name="", version="") if with_logger else False,
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
@@ -139,7 +180,7 @@ def run_once(
         start = time.perf_counter()
         trainer.fit(model, datamodule=datamodule)
         fit_seconds = time.perf_counter() - start
-        if with_callback:
+        if with_callback and kwargs.get("write_report", True):
             assert (Path(root) / "torchdebug" / "samples.parquet").is_file()
     return {
         "step_s": sum(clock.batch_seconds),
@@ -147,6 +188,7 @@ def run_once(
         "fit_s": fit_seconds,
         "hook_s": extra[0].hook_seconds if extra else 0.0,
         "batches": len(clock.batch_seconds),
+        "peak_bytes": torch.cuda.max_memory_allocated() if cuda else clock.peak_rss,
     }
 
 
@@ -165,11 +207,63 @@ def make_datamodule(data_dir: str | None, seed: int) -> tuple[NoisyImageDataModu
         return datamodule, 8
 
 
+def measure_pair(
+    datamodule: NoisyImageDataModule,
+    image_size: int,
+    args: argparse.Namespace,
+    option: str,
+    callback_first: bool,
+) -> dict[str, Any]:
+    """One run with the callback under ``option`` and one without, in the given order."""
+    runs = {}
+    for with_callback in (callback_first, not callback_first):
+        runs[with_callback] = run_once(
+            datamodule, image_size, args.epochs, args.seed, option, with_callback
+        )
+    with_, without = runs[True], runs[False]
+    return {
+        "option": option,
+        "order": "with, without" if callback_first else "without, with",
+        "step_s_with": with_["step_s"],
+        "step_s_without": without["step_s"],
+        "step_ratio": with_["step_s"] / without["step_s"],
+        "batch_median_ratio": with_["batch_median_s"] / without["batch_median_s"],
+        "hook_s": with_["hook_s"],
+        "hook_share": with_["hook_s"] / with_["step_s"],
+        "fit_s_with": with_["fit_s"],
+        "fit_s_without": without["fit_s"],
+        "fit_ratio": with_["fit_s"] / without["fit_s"],
+        "peak_bytes_with": with_["peak_bytes"],
+        "peak_bytes_without": without["peak_bytes"],
+        "batches": with_["batches"],
+    }
+
+
+def summarise(pairs: list[dict[str, Any]]) -> dict[str, float]:
+    """Medians over the pairs of one option."""
+
+    def median(key: str) -> float:
+        return statistics.median(p[key] for p in pairs)
+
+    return {
+        "step_ratio_median": median("step_ratio"),
+        "fit_ratio_median": median("fit_ratio"),
+        "batch_median_ratio_median": median("batch_median_ratio"),
+        "hook_share_median": median("hook_share"),
+        "hook_ms_per_batch_median": statistics.median(
+            1e3 * p["hook_s"] / p["batches"] for p in pairs
+        ),
+        "peak_bytes_with_max": max(p["peak_bytes_with"] for p in pairs),
+        "peak_bytes_without_max": max(p["peak_bytes_without"] for p in pairs),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Step-time overhead of TrainingDynamics.")
-    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--pairs", type=int, default=5, help="rounds (pairs per option)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS))
     parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST idx files")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -182,44 +276,31 @@ def main() -> None:
     datamodule, image_size = make_datamodule(args.data_dir, args.seed)
     dataset = datamodule.hparams.dataset
     samples = len(datamodule.train_dataset)
-    print(f"{dataset}: {samples} samples, {args.epochs} epoch(s), {args.pairs} pairs")
-    run_once(datamodule, image_size, 1, args.seed, with_callback=True, max_steps=10)
+    print(f"{dataset}: {samples} samples, {args.epochs} epoch(s), {args.pairs} rounds")
+    for option in args.options:
+        run_once(datamodule, image_size, 1, args.seed, option, True, max_steps=10)
 
-    pairs = []
+    pairs: list[dict[str, Any]] = []
     for index in range(args.pairs):
-        order = (True, False) if index % 2 == 0 else (False, True)
-        runs = {}
-        for with_callback in order:
-            runs[with_callback] = run_once(
-                datamodule, image_size, args.epochs, args.seed, with_callback
-            )
-        with_, without = runs[True], runs[False]
-        pairs.append(
-            {
-                "order": "with, without" if order[0] else "without, with",
-                "step_s_with": with_["step_s"],
-                "step_s_without": without["step_s"],
-                "step_ratio": with_["step_s"] / without["step_s"],
-                "batch_median_ratio": with_["batch_median_s"] / without["batch_median_s"],
-                "hook_s": with_["hook_s"],
-                "hook_share": with_["hook_s"] / with_["step_s"],
-                "fit_s_with": with_["fit_s"],
-                "fit_s_without": without["fit_s"],
-                "fit_ratio": with_["fit_s"] / without["fit_s"],
-                "batches": with_["batches"],
-            }
-        )
-        print(f"pair {index}: step ratio {pairs[-1]['step_ratio']:.3f}", flush=True)
+        for position, option in enumerate(args.options):
+            callback_first = (index + position) % 2 == 0
+            pairs.append(measure_pair(datamodule, image_size, args, option, callback_first))
+            print(f"round {index} {option}: step ratio {pairs[-1]['step_ratio']:.3f}", flush=True)
 
     result = {
-        "step_ratio_median": statistics.median(p["step_ratio"] for p in pairs),
-        "fit_ratio_median": statistics.median(p["fit_ratio"] for p in pairs),
-        "batch_median_ratio_median": statistics.median(p["batch_median_ratio"] for p in pairs),
-        "hook_share_median": statistics.median(p["hook_share"] for p in pairs),
-        "hook_ms_per_batch_median": statistics.median(
-            1e3 * p["hook_s"] / p["batches"] for p in pairs
-        ),
+        "options": {
+            option: {
+                "callback": f"TrainingDynamics({_kwargs_text(OPTIONS[option][0])})",
+                "tensorboard_logger": OPTIONS[option][1],
+                **summarise([p for p in pairs if p["option"] == option]),
+            }
+            for option in args.options
+        },
         "pairs": pairs,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "peak_memory": "torch.cuda.max_memory_allocated"
+        if torch.cuda.is_available()
+        else "peak resident set size",
         "dataset": dataset,
         "samples": samples,
         "epochs": args.epochs,
@@ -231,6 +312,7 @@ def main() -> None:
         "torch": torch.__version__,
         "lightning": L.__version__,
         "python": platform.python_version(),
+        "command": "python benchmarks/overhead.py --pairs " + str(args.pairs),
     }
     print()
     print(markdown(result))
@@ -239,30 +321,34 @@ def main() -> None:
     print(f"\nwrote {args.output}")
 
 
+def _kwargs_text(kwargs: dict[str, bool]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in kwargs.items())
+
+
 def markdown(result: dict[str, Any]) -> str:
-    """The per-pair table and the medians, as Markdown."""
+    """One row per recording option (medians over its pairs), as Markdown."""
     lines = [
-        "| pair | order | step s with | step s without | step ratio | batch-median ratio "
-        "| hook share | fit ratio |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| option | callback | step ratio | batch-median ratio | hook share | fit ratio "
+        "| peak memory with | peak memory without |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for i, p in enumerate(result["pairs"]):
+    for option, s in result["options"].items():
+        logger = " + TensorBoardLogger" if s["tensorboard_logger"] else ""
         lines.append(
-            f"| {i} | {p['order']} | {p['step_s_with']:.2f} | {p['step_s_without']:.2f} "
-            f"| {p['step_ratio']:.3f} | {p['batch_median_ratio']:.3f} "
-            f"| {100 * p['hook_share']:.1f}% | {p['fit_ratio']:.3f} |"
+            f"| {option} | `{s['callback']}`{logger} | {s['step_ratio_median']:.3f} "
+            f"| {s['batch_median_ratio_median']:.3f} | {100 * s['hook_share_median']:.1f}% "
+            f"({s['hook_ms_per_batch_median']:.2f} ms) | {s['fit_ratio_median']:.3f} "
+            f"| {s['peak_bytes_with_max'] / 2**20:.0f} MiB "
+            f"| {s['peak_bytes_without_max'] / 2**20:.0f} MiB |"
         )
     lines += [
         "",
-        f"**Median step-time ratio (with / without): {result['step_ratio_median']:.3f}**",
-        f"Median whole-fit ratio (adds epoch-end scoring and report writing): "
-        f"{result['fit_ratio_median']:.3f}",
-        f"Median ratio of per-batch median step times: {result['batch_median_ratio_median']:.3f}",
-        f"Median hook share of the step time: {100 * result['hook_share_median']:.1f}% "
-        f"({result['hook_ms_per_batch_median']:.2f} ms per batch)",
-        f"{result['dataset']}, {result['samples']} samples, {result['epochs']} epoch(s), "
-        f"batch {result['batch_size']}, torch threads {result['torch_threads']} "
-        f"(interop {result['torch_interop_threads']}), {result['cpu_count']} CPUs",
+        f"Medians over {len(result['pairs']) // max(len(result['options']), 1)} pairs per "
+        f"option; peak memory is the {result['peak_memory']} ({result['device']}), the "
+        f"largest over the pairs. {result['dataset']}, {result['samples']} samples, "
+        f"{result['epochs']} epoch(s), batch {result['batch_size']}, torch threads "
+        f"{result['torch_threads']} (interop {result['torch_interop_threads']}), "
+        f"{result['cpu_count']} CPUs: `{result['command']}`.",
     ]
     return "\n".join(lines)
 

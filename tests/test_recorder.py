@@ -68,7 +68,8 @@ def test_grad_norm_is_the_gradient_of_cross_entropy() -> None:
 
 
 def test_every_column_matches_hand_computed_values() -> None:
-    report = run_script(DynamicsRecorder(num_samples=4)).report().set_index("sample_id")
+    recorder = run_script(DynamicsRecorder(num_samples=4))
+    report = recorder.report().set_index("sample_id")
 
     assert list(report.reset_index().columns[: len(REPORT_COLUMNS)]) == list(REPORT_COLUMNS)
     assert report["given_label"].tolist() == LABELS
@@ -107,9 +108,10 @@ def test_every_column_matches_hand_computed_values() -> None:
         assert row["aum"] == pytest.approx(np.mean(margins), rel=1e-5)
         assert row["grad_norm_mean"] == pytest.approx(np.mean(grads), rel=1e-5)
 
-    # Sample 2 is never right; its strongest other class is 0 in 3 of 4 epochs.
-    assert report.loc[2, "suggested_label"] == 0
-    assert report.loc[0, "suggested_label"] == 0  # positive AUM: keeps its label
+    # Sample 2 is never right; its strongest other class is 0 in 3 of 4 epochs. Four
+    # samples are too few for the mixture, so none is flagged and none gets a suggestion.
+    assert recorder.aggregates().arrays["vote_class"][2] == 0
+    assert (report["suggested_label"] == report["given_label"]).all()
     assert report["mislabel_score"].between(0, 1).all()
     assert set(report["flag"]) <= {"mislabeled", "hard", "ambiguous", ""}
 

@@ -7,6 +7,7 @@ formulas are those of the report columns, documented in :func:`build_report`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -47,6 +48,8 @@ AMBIGUOUS_MIN_VARIABILITY = 0.2
 _MIXTURE_FIT_SAMPLES = 200_000
 # Learned clean, hard clean and mislabeled samples (see mislabel_score).
 _MIXTURE_COMPONENTS = 3
+# Ashman's D above which two Gaussian components count as separate populations.
+_MIN_SEPARATION = 2.0
 
 
 @dataclass
@@ -81,10 +84,10 @@ def build_report(agg: Aggregates) -> pd.DataFrame:
     - ``sample_id``: the dataset index (or the id the batch carried).
     - ``given_label``: ``y``, the label at the last presentation.
     - ``predicted_label``: arg-max of the logits at the last presentation.
-    - ``suggested_label``: ``y`` if ``aum > 0`` (the model prefers the given label on
-      average), else the class that most often had the largest non-given logit (a
-      streaming Boyer-Moore majority vote over epochs: exact whenever one class wins more
-      than half of them).
+    - ``suggested_label``: for a sample in the estimated mislabeled population
+      (``mislabel_score > 0.5``), the class that most often had the largest non-given
+      logit (a streaming Boyer-Moore majority vote over epochs: exact whenever one class
+      wins more than half of them); else ``y``.
     - ``epochs_seen``: ``n``.
     - ``loss_mean``: mean over ``E`` of the cross-entropy ``-log p_e``.
     - ``confidence``: ``mean_e p_e``, in [0, 1].
@@ -128,9 +131,8 @@ def build_report(agg: Aggregates) -> pd.DataFrame:
     forgetting = np.where(never_learned, agg.epochs_recorded, a["forgetting"][ids])
     given = a["label"][ids].astype(np.int64)
     voted = a["vote_class"][ids].astype(np.int64)
-    suggested = np.where((aum > 0) | (voted < 0), given, voted)
-
-    score = mislabel_score(aum)
+    score = mislabel_score(aum, confidence)
+    suggested = np.where((score > 0.5) & (voted >= 0), voted, given)
     flags = flag_samples(
         score, given, suggested, confidence, variability, first_learned, agg.epochs_recorded
     )
@@ -162,45 +164,73 @@ def build_report(agg: Aggregates) -> pd.DataFrame:
     return report
 
 
-def mislabel_score(aum: np.ndarray) -> np.ndarray:
-    """Probability-like score that a sample's given label is wrong; higher = more likely.
+def mislabel_score(aum: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+    """Score in [0, 1] that a sample's given label is wrong; higher = more likely.
 
     The evidence is the area under the margin (``aum``): the given class of a mislabeled
-    sample keeps losing to the class the sample really belongs to, so its margin stays
-    negative, while a clean sample's margin grows as it is learned. Training margins form
-    three populations: learned clean samples (large positive margins), hard clean samples
-    (margins near zero) and mislabeled samples (negative margins). A three-component
-    Gaussian mixture over ``aum`` finds them without being told the noise rate, and the
-    score is the posterior probability of the lowest-mean component, made non-increasing
-    in ``aum`` so that it ranks samples exactly as ``-aum`` does (ties at the saturated
-    ends are broken by ``aum`` with a weight of ``1e-6``). When that component's mean
-    margin is not negative the data show no mislabeled population and every score is
-    below 0.5.
+    sample keeps losing to the class the sample really belongs to, so its margin stays low,
+    while a clean sample's margin grows as it is learned. Training margins form up to three
+    populations: learned clean samples (large margins), hard clean samples (margins near
+    zero) and mislabeled samples (the lowest margins). A Gaussian mixture over ``aum``
+    finds them without being told the noise rate:
+
+    1. Fit three components. Keep them if the lowest-margin component is well separated
+       from its neighbour (Ashman's ``D >= 2``, where
+       ``D = sqrt(2) |m1 - m2| / sqrt(s1^2 + s2^2)``); otherwise the data do not show a
+       separate hard population (heavy or systematic noise blurs it into the others, or a
+       wide tail component was fitted), and two components are fitted instead.
+    2. The lowest-margin component's weight ``w`` estimates the noise rate: the
+       ``n = round(w N)`` samples of lowest ``aum`` are the mislabeled population.
+    3. Guard: if those ``n`` samples give their given label a mean probability
+       (``confidence``) of 0.5 or more, the model on the whole believes their labels, the
+       component is hard clean samples, not mislabeled ones, and ``n = 0``.
+
+    The score is that component's posterior probability, made non-decreasing in ``-aum``,
+    with ties broken by ``-aum`` (weight ``1e-6``), then rescaled piecewise-linearly so
+    that exactly the ``n`` samples of the mislabeled population score above 0.5. It
+    therefore ranks samples exactly as ``-aum`` does.
 
     Args:
         aum: Mean margin per sample.
+        confidence: Mean probability of the given label per sample.
 
     Returns:
-        Scores in [0, 1]; a score of at least 0.5 means the mislabeled population is the
-        most likely one for that sample.
+        Scores in [0, 1]; a score above 0.5 means the sample is in the estimated
+        mislabeled population.
 
     Example::
 
         >>> rng = np.random.default_rng(0)
         >>> aum = np.concatenate([rng.normal(3, 1, 900), rng.normal(-2, 0.7, 100)])
-        >>> score = mislabel_score(aum)
+        >>> confidence = np.r_[np.full(900, 0.9), np.full(100, 0.1)]
+        >>> score = mislabel_score(aum, confidence)
         >>> bool(score[900:].mean() > 0.9 > score[:900].mean())
         True
     """
     evidence = -np.asarray(aum, dtype=np.float64)
-    posterior, noisy_mean = _mixture_posterior(evidence)
-    if noisy_mean <= 0:
-        # The lowest component still prefers the given label: no mislabeled population.
-        posterior = np.minimum(posterior, 0.49)
-    order = np.argsort(evidence, kind="stable")
+    confidence = np.asarray(confidence, dtype=np.float64)
+    posterior, weight = _mislabeled_component(evidence)
+    order = np.argsort(evidence, kind="stable")  # most clean first
     ranks = np.empty(evidence.size, dtype=np.float64)
     ranks[order] = np.arange(evidence.size) / max(evidence.size - 1, 1)
-    return np.clip((1 - 1e-6) * posterior + 1e-6 * ranks, 0.0, 1.0)
+    base = (1 - 1e-6) * posterior + 1e-6 * ranks  # strictly increasing in the evidence
+
+    count = int(round(weight * evidence.size))
+    members = order[evidence.size - count :]
+    if count and confidence[members].mean() >= HARD_CONFIDENCE:
+        count, members = 0, members[:0]
+    if count == 0:
+        return 0.5 * (1 - 1e-6) * base
+    if count == evidence.size:
+        return 0.5 + 0.5 * base
+    inside = base[members].min()
+    outside = base[order[evidence.size - count - 1]]
+    cut = 0.5 * (inside + outside)
+    return np.where(
+        base > cut,
+        0.5 + 0.5 * (base - cut) / max(1.0 - cut, 1e-12),
+        0.5 * base / max(cut, 1e-12),
+    )
 
 
 def flag_samples(
@@ -214,8 +244,8 @@ def flag_samples(
 ) -> np.ndarray:
     """Assigns each sample at most one flag, in priority order.
 
-    - ``mislabeled``: ``score >= 0.5`` (the mislabeled population is the most likely one
-      for the sample, see :func:`mislabel_score`) and the suggested label differs from the
+    - ``mislabeled``: ``score > 0.5`` (the sample is in the estimated mislabeled
+      population, see :func:`mislabel_score`) and the suggested label differs from the
       given one.
     - ``hard``: not mislabeled, ``confidence < 0.5``, and learned late or never: no epoch
       predicted right, or the first right epoch in the second half of the epochs recorded.
@@ -236,7 +266,7 @@ def flag_samples(
         An object array of flag strings (``""`` for no flag).
     """
     flags = np.full(score.shape, "", dtype=object)
-    mislabeled = (score >= 0.5) & (suggested != given)
+    mislabeled = (score > 0.5) & (suggested != given)
     late = (first_learned < 0) | (first_learned >= epochs_recorded / 2)
     hard = ~mislabeled & (confidence < HARD_CONFIDENCE) & late
     q1, q3 = np.percentile(variability, [25, 75]) if variability.size else (0.0, 0.0)
@@ -248,22 +278,21 @@ def flag_samples(
     return flags
 
 
-def _mixture_posterior(evidence: np.ndarray, seed: int = 0) -> tuple[np.ndarray, float]:
-    """Posterior of the highest-mean component of a 3-component 1-D Gaussian mixture.
+def _mislabeled_component(evidence: np.ndarray, seed: int = 0) -> tuple[np.ndarray, float]:
+    """Posterior and weight of the highest-evidence component of a 1-D Gaussian mixture.
 
-    Returns the posterior per sample, non-decreasing in the evidence, and that component's
-    mean evidence.
+    Three components when the highest-evidence one is well separated from its neighbour
+    (Ashman's D >= 2), else two. The posterior is made non-decreasing in the evidence.
     """
-    from sklearn.mixture import GaussianMixture
-
     if evidence.size < 3 * _MIXTURE_COMPONENTS or np.ptp(evidence) == 0:
         return np.zeros_like(evidence), 0.0
     fit_on = evidence
     if evidence.size > _MIXTURE_FIT_SAMPLES:
         rng = np.random.default_rng(seed)
         fit_on = rng.choice(evidence, _MIXTURE_FIT_SAMPLES, replace=False)
-    gmm = GaussianMixture(n_components=_MIXTURE_COMPONENTS, random_state=seed)
-    gmm.fit(fit_on.reshape(-1, 1))
+    gmm = _fit_mixture(fit_on, _MIXTURE_COMPONENTS, seed)
+    if _separation(gmm) < _MIN_SEPARATION:
+        gmm = _fit_mixture(fit_on, 2, seed)
     noisy = int(np.argmax(gmm.means_.ravel()))
     posterior = gmm.predict_proba(evidence.reshape(-1, 1))[:, noisy]
 
@@ -272,7 +301,21 @@ def _mixture_posterior(evidence: np.ndarray, seed: int = 0) -> tuple[np.ndarray,
     order = np.argsort(evidence, kind="stable")
     out = np.empty_like(posterior)
     out[order] = np.maximum.accumulate(posterior[order])
-    return out, float(gmm.means_.ravel()[noisy])
+    return out, float(gmm.weights_[noisy])
+
+
+def _fit_mixture(values: np.ndarray, components: int, seed: int) -> Any:
+    from sklearn.mixture import GaussianMixture
+
+    return GaussianMixture(n_components=components, random_state=seed).fit(values[:, None])
+
+
+def _separation(gmm: Any) -> float:
+    """Ashman's D between the highest-mean component and the next one down."""
+    means = gmm.means_.ravel()
+    sds = np.sqrt(gmm.covariances_.ravel())
+    top, second = np.argsort(means)[::-1][:2]
+    return float(np.sqrt(2) * abs(means[top] - means[second]) / np.hypot(sds[top], sds[second]))
 
 
 def _empty_report() -> pd.DataFrame:
