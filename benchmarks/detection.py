@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from cleanlab.filter import find_label_issues
 from cleanlab.rank import get_label_quality_scores
+from readme_table import update_readme
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
@@ -58,8 +59,6 @@ from torchdebug.data import inject_label_noise, load_digits, load_fashion_mnist,
 from torchdebug.models import ImageClassifier
 
 RESULTS = Path(__file__).parent / "results"
-README = Path(__file__).parent.parent / "README.md"
-START, END = "<!-- detection:start -->", "<!-- detection:end -->"
 
 # Single report scores, with the sign that makes "higher = more likely mislabeled".
 SINGLE_SCORES = {
@@ -109,7 +108,7 @@ def main() -> None:
     (RESULTS / f"{_name(args)}.md").write_text(table)
     print(table)
     if args.readme:
-        _update_readme(table)
+        update_readme("detection", table)
 
 
 def _save(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
@@ -306,15 +305,6 @@ def markdown(payload: dict[str, Any]) -> str:
             + " |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _update_readme(table: str) -> None:
-    text = README.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"README.md has no {START} ... {END} markers for the table")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{table}{END}{tail}")
 
 
 def _row_summary(result: dict[str, Any]) -> str:

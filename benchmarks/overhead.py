@@ -62,6 +62,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from readme_table import update_readme
 
 from torchdebug import TrainingDynamics
 from torchdebug.data import NoisyImageDataModule
@@ -266,6 +267,7 @@ def main() -> None:
     parser.add_argument("--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS))
     parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST idx files")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--readme", action="store_true", help="rewrite the README table")
     args = parser.parse_args()
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -314,11 +316,14 @@ def main() -> None:
         "python": platform.python_version(),
         "command": "python benchmarks/overhead.py --pairs " + str(args.pairs),
     }
+    table = markdown(result)
     print()
-    print(markdown(result))
+    print(table)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.output}")
+    if args.readme:
+        update_readme("overhead", table + "\n")
 
 
 def _kwargs_text(kwargs: dict[str, bool]) -> str:

@@ -139,7 +139,8 @@ def test_sampler_with_replacement_averages_repeats_within_an_epoch(tmp_path: Pat
     data = CountingInputs(n)
     sampler = RandomSampler(data, replacement=True, num_samples=n)
     loader = DataLoader(data, batch_size=4, sampler=sampler)
-    dynamics = TrainingDynamics()
+    # No TensorBoard views: their image lookups would add to the dataset's log of draws.
+    dynamics = TrainingDynamics(tensorboard=False)
     make_trainer(tmp_path, [dynamics], epochs=epochs).fit(PresentationModule(), loader)
 
     # Hand computation from the log of draws: epoch e holds draws [e*n, (e+1)*n).

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
@@ -19,6 +23,15 @@ from torch import Tensor, nn
 
 from torchdebug.recorder import DynamicsRecorder
 from torchdebug.report import REPORT_DIRNAME, REPORT_FILENAME, write_report
+from torchdebug.review import (
+    ConfidenceHistory,
+    ToImage,
+    default_to_image,
+    flagged_rows,
+    log_custom_scalars,
+    log_projector,
+    log_review,
+)
 from torchdebug.sampling import RecordingBatchSampler, as_id_tensor, record_indices
 from torchdebug.scores import Aggregates, build_report
 from torchdebug.tensorboard import log_epoch
@@ -31,6 +44,9 @@ TARGET_KEYS: tuple[str, ...] = ("label", "labels", "target", "targets", "y")
 """Keys of a dict batch that hold the labels, tried in this order."""
 
 _ID_KEYS = ("index", "indices", "idx")
+_INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values")
+# Share of training time the adaptive review cadence may spend on figures and grids.
+_REVIEW_BUDGET = 0.03
 
 
 class TrainingDynamics(Callback):
@@ -68,6 +84,23 @@ class TrainingDynamics(Callback):
         tensorboard: Log the TensorBoard views when a ``TensorBoardLogger`` is attached.
         write_report: Write the Parquet report at every epoch end.
         name: Distinguishes two instances in one Trainer (their checkpoint state keys).
+        top_k: Samples shown per image grid, table and trajectory plot.
+        class_names: Class names shown instead of label indices.
+        get_input: ``get_input(sample_id)`` returning a sample's input, for the image
+            grids and projector thumbnails; defaults to the train dataset's item (its
+            first element, or an ``image``/``input``/``x`` key) when ids are dataset
+            indices (no ``get_ids``).
+        to_image: Turns an input into an ``H x W x 3`` uint8 image or ``None``; the default
+            handles image tensors and flattened square images, stretching each to 0..255.
+        review_every_n_epochs: Cadence of the review views (grids, tables, trajectories,
+            data map, PR curve); ``None`` adapts it so they take about 3% of the training
+            time. The last epoch is always reviewed. Scalars and histograms are logged
+            every epoch.
+        projector_every_n_epochs: Cadence of the projector; ``None`` writes it once, at the
+            end of training.
+        projector_max_points: Cap on the samples in the projector.
+        noise_mask: Boolean per sample id, True where the label is known to be wrong (a
+            benchmark or a demo); adds a precision-recall curve of ``mislabel_score``.
 
     Raises:
         ValueError: At construction, for a bad option.
@@ -86,9 +119,25 @@ class TrainingDynamics(Callback):
         tensorboard: bool = True,
         write_report: bool = True,
         name: str = "",
+        top_k: int = 16,
+        class_names: Sequence[str] | None = None,
+        get_input: Callable[[int], Any] | None = None,
+        to_image: ToImage | None = None,
+        review_every_n_epochs: int | None = None,
+        projector_every_n_epochs: int | None = None,
+        projector_max_points: int = 2000,
+        noise_mask: Sequence[bool] | Tensor | None = None,
     ) -> None:
         if num_samples is not None and num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}.")
+        for option, value in (
+            ("top_k", top_k),
+            ("review_every_n_epochs", review_every_n_epochs),
+            ("projector_every_n_epochs", projector_every_n_epochs),
+            ("projector_max_points", projector_max_points),
+        ):
+            if value is not None and value < 1:
+                raise ValueError(f"{option} must be at least 1, got {value}.")
         if logits_module is not None and not logits_module.strip():
             raise ValueError("logits_module must name a submodule, e.g. 'model.head'.")
         self.logits_module = logits_module
@@ -106,6 +155,23 @@ class TrainingDynamics(Callback):
         self._sampler_error: Exception | None = None
         self._fit_loop: Any = None
         self._log_dir: Path | None = None
+        self.top_k = top_k
+        self.class_names = list(class_names) if class_names is not None else None
+        self.get_input = get_input
+        self.to_image = to_image or default_to_image
+        self.review_every_n_epochs = review_every_n_epochs
+        self.projector_every_n_epochs = projector_every_n_epochs
+        self.projector_max_points = projector_max_points
+        self.noise_mask = None
+        if noise_mask is not None:
+            self.noise_mask = torch.as_tensor(noise_mask, dtype=torch.bool).cpu().numpy()
+        self.history = ConfidenceHistory(capacity=max(256, 8 * top_k))
+        self._next_review = 0
+        self._reviewed_epoch = -1
+        self._projected_epoch = -1
+        self._epoch_started = 0.0
+        self._epoch_seconds = 0.0
+        self._layout_written = False
 
     @property
     def state_key(self) -> str:
@@ -135,6 +201,9 @@ class TrainingDynamics(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Trainer.log_dir is a collective under DDP: every rank asks, here, once.
         self._log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_started = time.perf_counter()
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -166,22 +235,43 @@ class TrainingDynamics(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.recorder is None:
             return
+        self._epoch_seconds = time.perf_counter() - self._epoch_started
         reduce_fn = _all_reduce if trainer.world_size > 1 and dist.is_initialized() else None
+        read = self.recorder.running_confidence
+        self.history.before_epoch_end(read)
         try:
             self.recorder.end_epoch(reduce_fn)
+            self.history.after_epoch_end(read, self.recorder.epochs_recorded - 1)
         finally:
             if trainer.is_global_zero:
                 self._publish(trainer)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The last epoch always gets the review views and the projector.
+        if not trainer.is_global_zero or self.recorder is None or not self.tensorboard:
+            return
+        writer = _tensorboard_writer(trainer)
+        epoch = self.recorder.epochs_recorded - 1
+        if writer is None or epoch < 0:
+            return
+        report = self.recorder.report()
+        if self._reviewed_epoch != epoch:
+            self._review(trainer, writer, report, epoch)
+        if self._projected_epoch != epoch:
+            self._project(trainer, writer, report, epoch)
+
     def state_dict(self) -> dict[str, Any]:
         if self.recorder is None:
             return dict(self._pending_state or {})
-        return self.recorder.state_dict()
+        return {**self.recorder.state_dict(), "review_history": self.history.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
-        self._pending_state = dict(state_dict)
+        state = dict(state_dict)
+        if "review_history" in state:
+            self.history.load_state_dict(state.pop("review_history"))
+        self._pending_state = state
         self.recorder = None
 
     def _publish(self, trainer: pl.Trainer) -> None:
@@ -200,11 +290,71 @@ class TrainingDynamics(Callback):
                 grad_norm="logits",
                 statistics_from="training forward pass",
             )
+        self.history.watch(
+            flagged_rows(report, "mislabeled", 2 * self.top_k)["sample_id"].tolist()
+            + flagged_rows(report, "hard", self.top_k)["sample_id"].tolist(),
+            self.recorder.running_confidence,
+            epoch,
+        )
         writer = _tensorboard_writer(trainer) if self.tensorboard else None
         if writer is not None:
-            log_epoch(writer, report, step=epoch)
+            log_epoch(writer, report, step=epoch, data_map=False)
+            if epoch >= self._next_review:
+                self._review(trainer, writer, report, epoch)
+            every = self.projector_every_n_epochs
+            if every is not None and (epoch + 1) % every == 0:
+                self._project(trainer, writer, report, epoch)
         flagged = report["flag"].value_counts().to_dict()
         log.info("torchdebug epoch %d: %s", epoch, flagged)
+
+    def _review(self, trainer: pl.Trainer, writer: Any, report: pd.DataFrame, epoch: int) -> None:
+        """Writes the review views and the data map; schedules the next review."""
+        started = time.perf_counter()
+        if not self._layout_written:
+            log_custom_scalars(writer)
+            self._layout_written = True
+        log_epoch(writer, report, step=epoch, data_map=True, scalars=False)
+        log_review(
+            writer,
+            report,
+            epoch,
+            top_k=self.top_k,
+            get_input=self._input_getter(trainer),
+            to_image=self.to_image,
+            class_names=self.class_names,
+            history=self.history,
+            noise_mask=self.noise_mask,
+        )
+        self._reviewed_epoch = epoch
+        cost = time.perf_counter() - started
+        every = self.review_every_n_epochs
+        if every is None:
+            # Adaptive: the figures may take about _REVIEW_BUDGET of the training time.
+            every = max(1, math.ceil(cost / (_REVIEW_BUDGET * max(self._epoch_seconds, 1e-9))))
+        self._next_review = epoch + every
+
+    def _project(self, trainer: pl.Trainer, writer: Any, report: pd.DataFrame, epoch: int) -> None:
+        log_projector(
+            writer,
+            report,
+            epoch,
+            max_points=self.projector_max_points,
+            get_input=self._input_getter(trainer),
+            to_image=self.to_image,
+            class_names=self.class_names,
+        )
+        self._projected_epoch = epoch
+
+    def _input_getter(self, trainer: pl.Trainer) -> Callable[[int], Any] | None:
+        """The user's ``get_input``, else a lookup in the train dataset by index."""
+        if self.get_input is not None:
+            return self.get_input
+        if self.get_ids is not None:
+            return None  # ids are the user's, not dataset indices
+        dataset = _train_dataset(trainer)
+        if dataset is None or not hasattr(dataset, "__getitem__"):
+            return None
+        return functools.partial(_lookup_input, dataset)
 
     def _ensure_recorder(self, trainer: pl.Trainer, logits: Tensor) -> DynamicsRecorder:
         if self.recorder is not None:
@@ -395,14 +545,38 @@ def _targets_from_batch(batch: Any) -> Tensor | None:
     return None
 
 
-def _train_dataset_size(trainer: pl.Trainer) -> int | None:
+def _train_dataset(trainer: pl.Trainer) -> Any:
     loader = trainer.train_dataloader
     loaders = getattr(loader, "flattened", None) or [loader]
-    dataset = getattr(loaders[0], "dataset", None)
+    return getattr(loaders[0], "dataset", None)
+
+
+def _train_dataset_size(trainer: pl.Trainer) -> int | None:
     try:
-        return len(dataset)  # type: ignore[arg-type]
+        return len(_train_dataset(trainer))
     except TypeError:
         return None
+
+
+def _lookup_input(dataset: Any, sample_id: int) -> Any:
+    """A dataset item's input, leaving the random generators as they were: a random
+    augmentation in ``__getitem__`` must not shift the training's random stream."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return _input_of(dataset[sample_id])
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def _input_of(item: Any) -> Any:
+    """The input part of a dataset item: first of a tuple, or a known key of a dict."""
+    if isinstance(item, Mapping):
+        return next((item[key] for key in _INPUT_KEYS if key in item), None)
+    if isinstance(item, (tuple, list)):
+        return item[0] if item else None
+    return item
 
 
 def _tensorboard_writer(trainer: pl.Trainer) -> Any:

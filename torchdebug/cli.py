@@ -1,13 +1,14 @@
-"""The ``torchdebug`` command: a demo on real data, and a summary of a finished run."""
+"""The ``torchdebug`` command: a demo on real data; a finished run's summary, export and plot."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,8 @@ _SUMMARY_COLUMNS = (
     "forgetting_events",
     "flag",
 )
+# The flags of torchdebug.scores.FLAGS, written out so the CLI starts without importing it.
+_FLAG_CHOICES = ("mislabeled", "hard", "ambiguous", "any")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,8 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def top_flagged(report: pd.DataFrame, k: int = 10) -> pd.DataFrame:
     """The ``k`` samples most likely mislabeled: by ``mislabel_score`` descending, ties by id."""
-    ordered = report.sort_values(["mislabel_score", "sample_id"], ascending=[False, True])
-    return ordered.head(k)
+    return _by_score(report).head(k)
+
+
+def _by_score(report: pd.DataFrame) -> pd.DataFrame:
+    """The report by ``mislabel_score`` descending, ties by ``sample_id`` ascending."""
+    return report.sort_values(["mislabel_score", "sample_id"], ascending=[False, True])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,6 +75,18 @@ def _parser() -> argparse.ArgumentParser:
     summary.add_argument("run_dir", metavar="RUN", help="run log dir or samples.parquet")
     summary.add_argument("--top", type=int, default=20)
     summary.set_defaults(run=_summary)
+
+    export = commands.add_parser("export", help="write a run's report as CSV, Parquet or JSONL")
+    export.add_argument("run_dir", metavar="RUN", help="run log dir or samples.parquet")
+    export.add_argument("--format", required=True, help="csv, parquet or jsonl")
+    export.add_argument("-o", "--output", default=None, help="default: samples.<format>")
+    export.add_argument("--flag", choices=_FLAG_CHOICES, default=None, help="keep only these")
+    export.set_defaults(run=_export)
+
+    plot = commands.add_parser("plot", help="draw a run's data map to a PNG")
+    plot.add_argument("run_dir", metavar="RUN", help="run log dir or samples.parquet")
+    plot.add_argument("-o", "--output", default="datamap.png")
+    plot.set_defaults(run=_plot)
     return parser
 
 
@@ -85,7 +104,14 @@ def _demo(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader, TensorDataset
 
     from torchdebug import TrainingDynamics
-    from torchdebug.data import inject_label_noise, load_digits, load_fashion_mnist, seeded_subset
+    from torchdebug.data import (
+        DIGITS_CLASSES,
+        FASHION_MNIST_CLASSES,
+        inject_label_noise,
+        load_digits,
+        load_fashion_mnist,
+        seeded_subset,
+    )
     from torchdebug.models import ImageClassifier
 
     # Keep the demo's output to what it shows; Lightning's banners add nothing here.
@@ -116,7 +142,9 @@ def _demo(args: argparse.Namespace) -> int:
         persistent_workers=args.workers > 0,
     )
     model = ImageClassifier(settings["model"], image_size=settings["image_size"])
-    dynamics = TrainingDynamics()
+    class_names = DIGITS_CLASSES if args.dataset == "digits" else FASHION_MNIST_CLASSES
+    # The demo knows which labels it flipped: TensorBoard gets a precision-recall curve.
+    dynamics = TrainingDynamics(class_names=class_names, noise_mask=flipped)
     trainer = L.Trainer(
         max_epochs=epochs,
         default_root_dir=args.root,
@@ -155,18 +183,85 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(args: argparse.Namespace) -> int:
+def _load(run_dir: str) -> pd.DataFrame | None:
+    """The run's report, or ``None`` after saying on stderr why there is none."""
     from torchdebug.report import load_report
 
     try:
-        report = load_report(args.run_dir)
+        return load_report(run_dir)
     except FileNotFoundError as err:
         print(f"torchdebug: {err}", file=sys.stderr)
+        return None
+
+
+def _summary(args: argparse.Namespace) -> int:
+    report = _load(args.run_dir)
+    if report is None:
         return 1
     counts = report["flag"].replace("", "unflagged").value_counts().to_dict()
     print(f"{len(report)} samples; flags: {counts}")
     table = top_flagged(report, args.top).loc[:, list(_SUMMARY_COLUMNS)]
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    write = _WRITERS.get(args.format)
+    if write is None:
+        print(
+            f"torchdebug: unknown export format {args.format!r}; use one of {sorted(_WRITERS)}",
+            file=sys.stderr,
+        )
+        return 1
+    report = _load(args.run_dir)
+    if report is None:
+        return 1
+
+    report = _by_score(report)
+    if args.flag is not None:
+        flags = report["flag"].fillna("")
+        report = report[flags != ""] if args.flag == "any" else report[flags == args.flag]
+    path = Path(args.output or f"samples.{args.format}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write(report, path)
+    print(f"wrote {len(report)} rows to {path}")
+    return 0
+
+
+def _write_csv(report: pd.DataFrame, path: Path) -> None:
+    # pandas writes a missing first_learned_epoch as an empty field.
+    report.to_csv(path, index=False)
+
+
+def _write_parquet(report: pd.DataFrame, path: Path) -> None:
+    report.to_parquet(path, index=False)
+
+
+def _write_jsonl(report: pd.DataFrame, path: Path) -> None:
+    # Object columns hold Python ints and floats, which json can write; NA and NaN become None.
+    records = report.astype(object).where(report.notna(), None).to_dict("records")
+    with path.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+
+
+_WRITERS: dict[str, Callable[[pd.DataFrame, Path], None]] = {
+    "csv": _write_csv,
+    "parquet": _write_parquet,
+    "jsonl": _write_jsonl,
+}
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from torchdebug.figures import FIGURE_DPI, data_map_figure
+
+    report = _load(args.run_dir)
+    if report is None:
+        return 1
+    path = Path(args.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data_map_figure(report).savefig(path, dpi=FIGURE_DPI)
+    print(f"wrote the data map of {len(report)} samples to {path}")
     return 0
 
 

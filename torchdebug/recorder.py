@@ -267,6 +267,15 @@ class DynamicsRecorder:
             arrays=arrays,
         )
 
+    def running_confidence(self, ids: list[int]) -> tuple[Any, Any]:
+        """Running mean confidence and epochs seen of a few samples, as numpy arrays."""
+        if not self._state or not ids:
+            return torch.zeros(len(ids)).numpy(), torch.zeros(len(ids)).numpy()
+        index = torch.as_tensor(ids, dtype=torch.long, device=self._state["conf_mean"].device)
+        conf = self._state["conf_mean"][index].cpu().double().numpy()
+        seen = self._state["epochs_seen"][index].cpu().double().numpy()
+        return conf, seen
+
     def state_dict(self) -> dict[str, Any]:
         """Returns the full state (tensors on the CPU), for checkpoints."""
         return {

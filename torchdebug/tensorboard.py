@@ -38,6 +38,7 @@ def log_epoch(
     *,
     prefix: str = "torchdebug",
     data_map: bool = True,
+    scalars: bool = True,
 ) -> None:
     """Write flag counts, histograms and the data map of one epoch's report.
 
@@ -60,6 +61,8 @@ def log_epoch(
         step: Global step to record the values at, usually the epoch.
         prefix: Tag prefix of everything written.
         data_map: Whether to render and write the data map, the slowest part.
+        scalars: Whether to write the scalars and histograms (``False`` with ``data_map``
+            writes only the figure).
 
     Raises:
         ValueError: If a column of the report is missing (the data map checks its own).
@@ -69,6 +72,13 @@ def log_epoch(
         >>> log_epoch(writer, report, step=trainer.current_epoch)
     """
     prefix = prefix.rstrip("/")
+    if scalars:
+        _log_scalars(writer, report, step, prefix)
+    if data_map and not report.empty:
+        writer.add_figure(f"{prefix}/data_map", data_map_figure(report), step, close=True)
+
+
+def _log_scalars(writer: SummaryWriter, report: pd.DataFrame, step: int, prefix: str) -> None:
     for name, value in _counts(report).items():
         writer.add_scalar(f"{prefix}/{name}", value, step)
     if report.empty:
@@ -84,9 +94,6 @@ def log_epoch(
         values = values[np.isfinite(values)]
         if values.size:
             writer.add_histogram(f"{prefix}/{name}", values, step)
-
-    if data_map:
-        writer.add_figure(f"{prefix}/data_map", data_map_figure(report), step, close=True)
 
 
 def _counts(report: pd.DataFrame) -> dict[str, int]:
