@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from torchdebug import load_report
 
@@ -34,3 +35,15 @@ def test_three_ranks_report_equals_one_process(tmp_path: Path) -> None:
     np.testing.assert_allclose(ddp["loss_mean"], single["loss_mean"], rtol=1e-6)
     np.testing.assert_allclose(ddp["confidence"], single["confidence"], rtol=1e-6)
     assert ddp["given_label"].tolist() == [i % 3 for i in range(10)]
+    # The TensorBoard views are written once, by rank zero, into one event file.
+    logdir = report_dir(tmp_path / "ddp")
+    assert len(list(logdir.glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(logdir), size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    table = "torchdebug/review/mislabeled_table/text_summary"
+    assert [e.step for e in events.Tensors(table)] == [0, 1]
+    assert [e.step for e in events.Scalars("torchdebug/flags/total")] == [0, 1]
+
+
+def report_dir(root: Path) -> Path:
+    return next(root.rglob("samples.parquet")).parent.parent

@@ -37,24 +37,23 @@ __all__ = [
 GRID_COLUMNS = 4
 """Tiles per row of an image grid."""
 
-TILE_PIXELS = 112
+TILE_PIXELS = 160
 """Side of one tile's image in a grid, in pixels; its caption adds ``_CAPTION_PIXELS``."""
 
-_CAPTION_PIXELS = 40
+_FONT_PIXELS = 15
+_LINE_PIXELS = 18
+_CAPTION_PIXELS = 3 * _LINE_PIXELS + 4
+# The table's columns: what a reviewer compares at a glance (the report has the rest).
 _TABLE_COLUMNS = (
     "sample_id",
     "given_label",
     "suggested_label",
     "predicted_label",
     "mislabel_score",
+    "aum",
     "confidence",
     "variability",
-    "correctness",
-    "aum",
     "forgetting_events",
-    "first_learned_epoch",
-    "loss_mean",
-    "grad_norm_mean",
 )
 # Dynamics that place a sample in the projector; standardised before use.
 _EMBEDDING_COLUMNS = (
@@ -133,16 +132,24 @@ def render_grid(images: Sequence[np.ndarray], captions: Sequence[Sequence[str]])
     cell = TILE_PIXELS + _CAPTION_PIXELS
     canvas = Image.new("RGB", (columns * TILE_PIXELS, rows * cell), "white")
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
+    font = _caption_font()
     for index, (image, lines) in enumerate(zip(images, captions, strict=True)):
         row, column = divmod(index, columns)
         left, top = column * TILE_PIXELS, row * cell
         tile = Image.fromarray(image).resize((TILE_PIXELS, TILE_PIXELS), Image.NEAREST)
         canvas.paste(tile, (left, top))
         for line_index, line in enumerate(lines[:3]):
-            position = (left + 3, top + TILE_PIXELS + 1 + 12 * line_index)
+            position = (left + 4, top + TILE_PIXELS + 2 + _LINE_PIXELS * line_index)
             draw.text(position, line, fill="black", font=font)
     return np.asarray(canvas)
+
+
+def _caption_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's bundled font at a readable size (its bitmap font without FreeType)."""
+    try:
+        return ImageFont.load_default(size=_FONT_PIXELS)
+    except (ImportError, OSError, TypeError):
+        return ImageFont.load_default()
 
 
 class ConfidenceHistory:
@@ -262,7 +269,7 @@ def log_review(
     inputs that ``to_image`` turns into images), ``mislabeled_table`` and ``hard_table``
     (Markdown text, always), ``mislabeled_trajectories`` (figure, when ``history`` has
     values) and ``pr_mislabeled`` (a PR curve of ``mislabel_score``, when ``noise_mask``
-    is given). A caption reads ``#id score`` then ``given: ...`` then ``suggested: ...``
+    is given). A caption reads ``#id  aum ...`` then ``given: ...`` then ``suggested: ...``
     (for hard/ambiguous samples: the flag and confidence, given and predicted labels).
 
     Args:
@@ -395,16 +402,17 @@ def _label(value: Any, class_names: Sequence[str] | None) -> str:
 
 def _caption(row: Any, group: str, class_names: Sequence[str] | None) -> list[str]:
     given = _label(row.given_label, class_names)
+    # The score saturates at the top; the margin still tells the samples apart.
     if group == "mislabeled":
         return [
-            f"#{row.sample_id} score {row.mislabel_score:.2f}",
-            f"given: {given}"[:20],
-            f"suggested: {_label(row.suggested_label, class_names)}"[:20],
+            f"#{row.sample_id}  aum {row.aum:.2f}",
+            f"given: {given}"[:19],
+            f"suggested: {_label(row.suggested_label, class_names)}"[:19],
         ]
     return [
-        f"#{row.sample_id} {row.flag} {row.confidence:.2f}",
-        f"given: {given}"[:20],
-        f"predicted: {_label(row.predicted_label, class_names)}"[:20],
+        f"#{row.sample_id} {row.flag} p={row.confidence:.2f}"[:19],
+        f"given: {given}"[:19],
+        f"predicted: {_label(row.predicted_label, class_names)}"[:19],
     ]
 
 
