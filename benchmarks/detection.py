@@ -5,6 +5,7 @@ Run::
     python benchmarks/detection.py            # the full grid (about an hour on 2 cores)
     python benchmarks/detection.py --quick    # a reduced grid, under 10 minutes
     python benchmarks/detection.py --readme   # also rewrite the README's results table
+                                              # (with --quick: the README's quick table)
 
 For every setting (dataset x noise kind x noise rate) it trains the same model with the
 same epochs and seed:
@@ -108,7 +109,7 @@ def main() -> None:
     (RESULTS / f"{_name(args)}.md").write_text(table)
     print(table)
     if args.readme:
-        update_readme("detection", table)
+        update_readme("detection-quick" if args.quick else "detection", table)
 
 
 def _save(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:

@@ -55,8 +55,12 @@ def measure(num_samples: int, device: str, batch_size: int, num_classes: int) ->
         "samples": num_samples,
         "device": device,
         "classes": num_classes,
+        "state_bytes": state_bytes,
         "state_bytes_per_sample": state_bytes / num_samples,
         "declared_bytes_per_sample": recorder.state_bytes_per_sample,
+        # Whatever does not grow with the samples: the spare row that absorbs bad input
+        # and the bad-input counters.
+        "fixed_bytes": state_bytes - recorder.state_bytes_per_sample * num_samples,
         "update_seconds_per_epoch": update_seconds,
         "end_epoch_seconds": end_epoch_seconds,
         "report_seconds": report_seconds,
@@ -86,6 +90,11 @@ def main() -> None:
             f"{r['update_seconds_per_epoch']:.2f} | {r['end_epoch_seconds']:.2f} | "
             f"{r['report_seconds']:.2f} | {r['peak_rss_gib']:.2f} |"
         )
+    if len(rows) > 1:
+        # Bytes per extra tracked sample, from the two largest sizes.
+        a, b = rows[-2], rows[-1]
+        slope = (b["state_bytes"] - a["state_bytes"]) / (b["samples"] - a["samples"])
+        print(f"marginal state per tracked sample: {slope:.3f} bytes")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "memory.json").write_text(json.dumps(rows, indent=1))
 

@@ -316,7 +316,7 @@ def test_skipped_batches_and_validation_record_nothing(tmp_path: Path) -> None:
 
 def test_tensorboard_views_are_in_the_trainers_event_files(tmp_path: Path) -> None:
     loader = DataLoader(IndexedInputs(60), batch_size=8, shuffle=True)
-    trainer = make_trainer(tmp_path, [TrainingDynamics()], epochs=2)
+    trainer = make_trainer(tmp_path, [TrainingDynamics(review_every_n_epochs=1)], epochs=2)
     trainer.fit(FixedModule(), loader)
 
     events = EventAccumulator(trainer.log_dir, size_guidance={"images": 0, "histograms": 0})
@@ -330,6 +330,25 @@ def test_tensorboard_views_are_in_the_trainers_event_files(tmp_path: Path) -> No
     assert [e.step for e in events.Images("torchdebug/data_map")] == [0, 1]
     report = load_report(trainer.log_dir)
     assert counts[-1] == (report["flag"] != "").sum()
+
+
+def test_adaptive_review_cadence_keeps_to_its_budget(tmp_path: Path) -> None:
+    # Tiny epochs: 3% of their time never pays for a review; the last epoch still gets one.
+    loader = DataLoader(IndexedInputs(60), batch_size=8, shuffle=True)
+    trainer = make_trainer(tmp_path, [TrainingDynamics()], epochs=3)
+    trainer.fit(FixedModule(), loader)
+    events = EventAccumulator(trainer.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("torchdebug/data_map")] == [2]
+
+    # The schedule itself: 3% of each epoch's seconds buys review time.
+    dynamics = TrainingDynamics()
+    dynamics._review_seconds = 0.3
+    dynamics._epoch_seconds = 2.0  # 0.06 s of budget an epoch: a review every 5 epochs
+    due = [dynamics._review_due(epoch) for epoch in range(5)]
+    assert due == [False, False, False, False, True]
+    dynamics._epoch_seconds = 20.0  # 0.6 s an epoch: every epoch
+    assert dynamics._review_due(5)
 
 
 def test_checkpoint_state_restores_the_report(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -45,8 +44,10 @@ TARGET_KEYS: tuple[str, ...] = ("label", "labels", "target", "targets", "y")
 
 _ID_KEYS = ("index", "indices", "idx")
 _INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values")
-# Share of training time the adaptive review cadence may spend on figures and grids.
+# Share of training time the adaptive review cadence may spend on figures and grids, and
+# the cost assumed for a review before one has been timed (seconds).
 _REVIEW_BUDGET = 0.03
+_FIRST_REVIEW_SECONDS = 0.3
 
 
 class TrainingDynamics(Callback):
@@ -167,6 +168,8 @@ class TrainingDynamics(Callback):
             self.noise_mask = torch.as_tensor(noise_mask, dtype=torch.bool).cpu().numpy()
         self.history = ConfidenceHistory(capacity=max(256, 8 * top_k))
         self._next_review = 0
+        self._review_credit = 0.0
+        self._review_seconds = _FIRST_REVIEW_SECONDS
         self._reviewed_epoch = -1
         self._projected_epoch = -1
         self._epoch_started = 0.0
@@ -299,7 +302,7 @@ class TrainingDynamics(Callback):
         writer = _tensorboard_writer(trainer) if self.tensorboard else None
         if writer is not None:
             log_epoch(writer, report, step=epoch, data_map=False)
-            if epoch >= self._next_review:
+            if self._review_due(epoch):
                 self._review(trainer, writer, report, epoch)
             every = self.projector_every_n_epochs
             if every is not None and (epoch + 1) % every == 0:
@@ -326,12 +329,18 @@ class TrainingDynamics(Callback):
             noise_mask=self.noise_mask,
         )
         self._reviewed_epoch = epoch
-        cost = time.perf_counter() - started
-        every = self.review_every_n_epochs
-        if every is None:
-            # Adaptive: the figures may take about _REVIEW_BUDGET of the training time.
-            every = max(1, math.ceil(cost / (_REVIEW_BUDGET * max(self._epoch_seconds, 1e-9))))
-        self._next_review = epoch + every
+        self._review_seconds = time.perf_counter() - started
+        self._review_credit -= self._review_seconds
+        if self.review_every_n_epochs is not None:
+            self._next_review = epoch + self.review_every_n_epochs
+
+    def _review_due(self, epoch: int) -> bool:
+        """Fixed cadence, or adaptive: review once the budget earned by training (a share
+        of each epoch's time) pays for a review as long as the last one took."""
+        if self.review_every_n_epochs is not None:
+            return epoch >= self._next_review
+        self._review_credit += _REVIEW_BUDGET * self._epoch_seconds
+        return self._review_credit >= self._review_seconds
 
     def _project(self, trainer: pl.Trainer, writer: Any, report: pd.DataFrame, epoch: int) -> None:
         log_projector(

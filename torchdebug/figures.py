@@ -93,16 +93,19 @@ def data_map_figure(
     if max_points < 0:
         raise ValueError(f"max_points must be >= 0, got {max_points}")
 
-    fig = Figure(figsize=FIGURE_SIZE, dpi=FIGURE_DPI, layout="constrained")
+    # Fixed axes positions, not a layout engine: the layout pass would double the time
+    # to render, and the figure is drawn during training.
+    fig = Figure(figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax = fig.add_axes((0.12, 0.1, 0.7, 0.82))
     ax.set_xlabel(_X_LABEL)
     ax.set_ylabel(_Y_LABEL)
     ax.set_title(title if title is not None else f"data map ({len(report)} samples)")
     norm = Normalize(vmin=0.0, vmax=1.0)
     # The colorbar comes from a standalone mappable so the layout is the same with or
     # without points, which keeps TensorBoard's image slider steady across epochs.
-    fig.colorbar(ScalarMappable(norm=norm, cmap=_CMAP), ax=ax, label="correctness")
+    colorbar_axes = fig.add_axes((0.85, 0.1, 0.03, 0.82))
+    fig.colorbar(ScalarMappable(norm=norm, cmap=_CMAP), cax=colorbar_axes, label="correctness")
 
     if report.empty:
         ax.text(
