@@ -231,6 +231,20 @@ def _get_json(url: str, wait: float = 0.0) -> dict:
         time.sleep(1.0)
 
 
+def test_a_noise_mask_of_the_wrong_length_is_refused(tmp_path: Path) -> None:
+    images, labels = seeded_subset(*load_digits(), 50, 0)
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=TensorBoardLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[TrainingDynamics(noise_mask=torch.zeros(49, dtype=torch.bool))],
+    )
+    with pytest.raises(ValueError, match="noise_mask has 49 entries .* 50 sample ids"):
+        trainer.fit(ImageClassifier("cnn", image_size=8), DataLoader(TensorDataset(images, labels)))
+
+
 def test_review_options_are_validated() -> None:
     with pytest.raises(ValueError, match="top_k"):
         TrainingDynamics(top_k=0)

@@ -374,6 +374,11 @@ class TrainingDynamics(Callback):
                 "torchdebug cannot tell how many samples the training set has. Pass "
                 "TrainingDynamics(num_samples=...) covering every sample id."
             )
+        if self.noise_mask is not None and len(self.noise_mask) != num_samples:
+            raise ValueError(
+                f"noise_mask has {len(self.noise_mask)} entries but the training set has "
+                f"{num_samples} sample ids; pass one boolean per sample id."
+            )
         recorder = DynamicsRecorder(num_samples, logits.shape[1], device=logits.device)
         if self._pending_state is not None:
             recorder.load_state_dict(self._pending_state)
