@@ -33,6 +33,7 @@ from torchdebug.review import (
     default_to_image,
     flagged_rows,
     grid_shape,
+    render_grid,
 )
 
 TOP_K = 6
@@ -287,3 +288,17 @@ def test_image_lookups_do_not_shift_the_training_random_stream(tmp_path: Path) -
     grids.Reload()
     assert "torchdebug/review/mislabeled_grid" in grids.Tags()["images"]  # lookups happened
     assert torch.equal(weights[0], weights[1])
+
+
+def test_hard_captions_keep_the_confidence_whatever_the_id_length() -> None:
+    from types import SimpleNamespace
+
+    from torchdebug.review import _caption
+
+    row = SimpleNamespace(
+        sample_id=1538, flag="ambiguous", confidence=0.472, given_label=3, predicted_label=5
+    )
+    first = _caption(row, "hard", ["a", "b", "c", "shirt", "e", "coat"])
+    assert first == ["#1538  p=0.47  ambiguous", "given: shirt", "predicted: coat"]
+    grid = render_grid([np.zeros((8, 8, 3), np.uint8)], [first])
+    assert grid.shape == (TILE_PIXELS + _CAPTION_PIXELS, TILE_PIXELS, 3)

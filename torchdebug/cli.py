@@ -224,7 +224,7 @@ def _export(args: argparse.Namespace) -> int:
     path = Path(args.output or f"samples.{args.format}")
     path.parent.mkdir(parents=True, exist_ok=True)
     write(report, path)
-    print(f"wrote {len(report)} rows to {path}")
+    print(f"wrote {len(report)} row{'s' if len(report) != 1 else ''} to {path}")
     return 0
 
 

@@ -140,8 +140,15 @@ def render_grid(images: Sequence[np.ndarray], captions: Sequence[Sequence[str]])
         canvas.paste(tile, (left, top))
         for line_index, line in enumerate(lines[:3]):
             position = (left + 4, top + TILE_PIXELS + 2 + _LINE_PIXELS * line_index)
-            draw.text(position, line, fill="black", font=font)
+            draw.text(position, _fit(line, draw, font), fill="black", font=font)
     return np.asarray(canvas)
+
+
+def _fit(text: str, draw: ImageDraw.ImageDraw, font: Any) -> str:
+    """The text cut at its end to fit one tile's width; captions put the key facts first."""
+    while text and draw.textlength(text, font=font) > TILE_PIXELS - 8:
+        text = text[:-1]
+    return text
 
 
 def _caption_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -408,13 +415,13 @@ def _caption(row: Any, group: str, class_names: Sequence[str] | None) -> list[st
     if group == "mislabeled":
         return [
             f"#{row.sample_id}  aum {row.aum:.2f}",
-            f"given: {given}"[:19],
-            f"suggested: {_label(row.suggested_label, class_names)}"[:19],
+            f"given: {given}",
+            f"suggested: {_label(row.suggested_label, class_names)}",
         ]
     return [
-        f"#{row.sample_id} {row.flag} p={row.confidence:.2f}"[:19],
-        f"given: {given}"[:19],
-        f"predicted: {_label(row.predicted_label, class_names)}"[:19],
+        f"#{row.sample_id}  p={row.confidence:.2f}  {row.flag}",
+        f"given: {given}",
+        f"predicted: {_label(row.predicted_label, class_names)}",
     ]
 
 
