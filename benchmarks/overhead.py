@@ -2,7 +2,7 @@
 
 Run::
 
-    python benchmarks/overhead.py --pairs 5
+    python benchmarks/overhead.py --pairs 9 --readme
     python benchmarks/overhead.py --pairs 5 --epochs 1 --data-dir path/to/fashion-mnist
 
 What it measures: the same training (``ImageClassifier("cnn")``, batch 128, on a 10k subset
