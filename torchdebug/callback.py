@@ -322,11 +322,9 @@ class TrainingDynamics(Callback):
             report,
             epoch,
             top_k=self.top_k,
-            get_input=self._input_getter(trainer),
-            to_image=self.to_image,
-            class_names=self.class_names,
             history=self.history,
             noise_mask=self.noise_mask,
+            **self._sample_display(trainer),
         )
         self._reviewed_epoch = epoch
         self._review_seconds = time.perf_counter() - started
@@ -348,11 +346,17 @@ class TrainingDynamics(Callback):
             report,
             epoch,
             max_points=self.projector_max_points,
-            get_input=self._input_getter(trainer),
-            to_image=self.to_image,
-            class_names=self.class_names,
+            **self._sample_display(trainer),
         )
         self._projected_epoch = epoch
+
+    def _sample_display(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """How the views show a sample: its input, as an image, and class names."""
+        return {
+            "get_input": self._input_getter(trainer),
+            "to_image": self.to_image,
+            "class_names": self.class_names,
+        }
 
     def _input_getter(self, trainer: pl.Trainer) -> Callable[[int], Any] | None:
         """The user's ``get_input``, else a lookup in the train dataset by index."""
