@@ -175,6 +175,8 @@ class TrainingDynamics(Callback):
         self._epoch_started = 0.0
         self._epoch_seconds = 0.0
         self._layout_written = False
+        self._last_report: pd.DataFrame | None = None
+        self._last_report_epoch = -1
 
     @property
     def state_key(self) -> str:
@@ -240,11 +242,15 @@ class TrainingDynamics(Callback):
             return
         self._epoch_seconds = time.perf_counter() - self._epoch_started
         reduce_fn = _all_reduce if trainer.world_size > 1 and dist.is_initialized() else None
+        # Trajectories serve only the TensorBoard views, which rank zero writes.
+        tracks = self.tensorboard and trainer.is_global_zero
         read = self.recorder.running_confidence
-        self.history.before_epoch_end(read)
+        if tracks:
+            self.history.before_epoch_end(read)
         try:
             self.recorder.end_epoch(reduce_fn)
-            self.history.after_epoch_end(read, self.recorder.epochs_recorded - 1)
+            if tracks:
+                self.history.after_epoch_end(read, self.recorder.epochs_recorded - 1)
         finally:
             if trainer.is_global_zero:
                 self._publish(trainer)
@@ -257,7 +263,9 @@ class TrainingDynamics(Callback):
         epoch = self.recorder.epochs_recorded - 1
         if writer is None or epoch < 0:
             return
-        report = self.recorder.report()
+        report = self._last_report
+        if report is None or self._last_report_epoch != epoch:
+            report = self.recorder.report()  # e.g. the run stopped before publishing
         if self._reviewed_epoch != epoch:
             self._review(trainer, writer, report, epoch)
         if self._projected_epoch != epoch:
@@ -293,14 +301,16 @@ class TrainingDynamics(Callback):
                 grad_norm="logits",
                 statistics_from="training forward pass",
             )
-        self.history.watch(
-            flagged_rows(report, "mislabeled", 2 * self.top_k)["sample_id"].tolist()
-            + flagged_rows(report, "hard", self.top_k)["sample_id"].tolist(),
-            self.recorder.running_confidence,
-            epoch,
-        )
         writer = _tensorboard_writer(trainer) if self.tensorboard else None
         if writer is not None:
+            # Kept for the end of training, which reviews the last epoch without rescoring.
+            self._last_report, self._last_report_epoch = report, epoch
+            self.history.watch(
+                flagged_rows(report, "mislabeled", 2 * self.top_k)["sample_id"].tolist()
+                + flagged_rows(report, "hard", self.top_k)["sample_id"].tolist(),
+                self.recorder.running_confidence,
+                epoch,
+            )
             log_epoch(writer, report, step=epoch, data_map=False)
             if self._review_due(epoch):
                 self._review(trainer, writer, report, epoch)
