@@ -5,10 +5,19 @@ dynamics, score every sample and flag likely mislabeled, hard and ambiguous ones
 :class:`DynamicsRecorder` directly in any PyTorch loop.
 """
 
+from torchdebug.actions import sample_weights, weighted_loss
 from torchdebug.callback import TrainingDynamics
 from torchdebug.recorder import DynamicsRecorder, SampleError
 from torchdebug.report import load_report
 from torchdebug.scores import REPORT_COLUMNS
 
-__all__ = ["REPORT_COLUMNS", "DynamicsRecorder", "SampleError", "TrainingDynamics", "load_report"]
+__all__ = [
+    "REPORT_COLUMNS",
+    "DynamicsRecorder",
+    "SampleError",
+    "TrainingDynamics",
+    "load_report",
+    "sample_weights",
+    "weighted_loss",
+]
 __version__ = "0.1.0"

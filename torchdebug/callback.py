@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from torchdebug.actions import ActionPolicy
 from torchdebug.recorder import DynamicsRecorder
 from torchdebug.report import REPORT_DIRNAME, REPORT_FILENAME, write_report
 from torchdebug.review import (
@@ -33,7 +34,7 @@ from torchdebug.review import (
 )
 from torchdebug.sampling import RecordingBatchSampler, as_id_tensor, record_indices
 from torchdebug.scores import Aggregates, build_report
-from torchdebug.tensorboard import log_epoch
+from torchdebug.tensorboard import log_actions, log_epoch
 
 __all__ = ["TARGET_KEYS", "TrainingDynamics"]
 
@@ -48,6 +49,8 @@ _INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values")
 # the cost assumed for a review before one has been timed (seconds).
 _REVIEW_BUDGET = 0.03
 _FIRST_REVIEW_SECONDS = 0.3
+# Epochs recorded before an action starts (chosen on benchmarks/robust_training.py).
+DEFAULT_WARMUP_EPOCHS = 3
 
 
 class TrainingDynamics(Callback):
@@ -101,7 +104,27 @@ class TrainingDynamics(Callback):
             end of training.
         projector_max_points: Cap on the samples in the projector.
         noise_mask: Boolean per sample id, True where the label is known to be wrong (a
-            benchmark or a demo); adds a precision-recall curve of ``mislabel_score``.
+            benchmark or a demo); adds a precision-recall curve of ``mislabel_score`` and
+            the precision of the action's choices.
+        action: ``None`` (observe only), ``"drop"``, ``"reweight"`` or ``"relabel"``: what
+            to do, from the epoch after the warm-up on, with the samples flagged
+            ``mislabeled`` (highest score first, within the caps). Decisions are revisited
+            at every epoch end and kept in the callback's checkpoint state.
+
+            - ``"drop"``: the train sampler leaves them out; the module and DataLoader stay
+              as they are. Needs sample ids that are dataset indices (no ``get_ids``).
+            - ``"reweight"``: each gets weight ``1 - mislabel_score``; apply the weights
+              with one line in ``training_step``:
+              ``loss = weighted_loss(F.cross_entropy(logits, y, reduction="none"), self)``.
+            - ``"relabel"``: each trains on its ``suggested_label``, substituted in the
+              batch's label tensor before ``training_step``; the report keeps the given
+              label.
+        warmup_epochs: Epochs recorded before the first decision.
+        max_fraction: Cap on the fraction of all samples acted on.
+        max_class_fraction: Cap on the fraction of each given class acted on (below 1, so
+            no class vanishes).
+        dry_run: Decide, report (``action`` reads ``"would_drop"`` etc.) and log, but leave
+            training unchanged.
 
     Raises:
         ValueError: At construction, for a bad option.
@@ -128,6 +151,11 @@ class TrainingDynamics(Callback):
         projector_every_n_epochs: int | None = None,
         projector_max_points: int = 2000,
         noise_mask: Sequence[bool] | Tensor | None = None,
+        action: str | None = None,
+        warmup_epochs: int = DEFAULT_WARMUP_EPOCHS,
+        max_fraction: float = 0.5,
+        max_class_fraction: float = 0.5,
+        dry_run: bool = False,
     ) -> None:
         if num_samples is not None and num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}.")
@@ -177,6 +205,18 @@ class TrainingDynamics(Callback):
         self._layout_written = False
         self._last_report: pd.DataFrame | None = None
         self._last_report_epoch = -1
+        self.policy: ActionPolicy | None = None
+        if action is not None:
+            self.policy = ActionPolicy(
+                action,
+                warmup_epochs=warmup_epochs,
+                max_fraction=max_fraction,
+                max_class_fraction=max_class_fraction,
+                dry_run=dry_run,
+            )
+        self._batch_weights: Tensor | None = None
+        self._given_targets: Tensor | None = None
+        self._weights_taken = False
 
     @property
     def state_key(self) -> str:
@@ -186,13 +226,14 @@ class TrainingDynamics(Callback):
         """The per-sample report over the completed epochs (columns in the README)."""
         if self.recorder is None:
             return build_report(Aggregates.empty())
-        return self.recorder.report()
+        return self._annotated(self.recorder.report())
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._capture.attach(pl_module, self.logits_module)
-        if self.get_ids is None:
+        dropping = self.policy is not None and self.policy.action == "drop"
+        if self.get_ids is None or dropping:  # dropping needs the sampler, whatever the ids
             self._hook_dataloader_setup(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -214,6 +255,8 @@ class TrainingDynamics(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._capture.arm()
+        if self.policy is not None:
+            self._apply_actions(trainer, batch)
 
     def on_train_batch_end(
         self,
@@ -233,8 +276,11 @@ class TrainingDynamics(Callback):
         logits = explicit if isinstance(explicit, Tensor) else captured
         if logits is None:
             raise _no_logits_error(self.logits_module)
-        targets = self._targets(outputs, batch)
+        given, self._given_targets = self._given_targets, None
+        targets = given if given is not None else self._targets(outputs, batch)
         ids = self._ids(outputs, batch, sampled_ids, rows=logits.shape[0])
+        if self.policy is not None and self.policy.dropped() is not None:
+            self._check_dropped(ids, sampled_ids)
         self._ensure_recorder(trainer, logits).update(ids, logits, targets)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -247,13 +293,23 @@ class TrainingDynamics(Callback):
         read = self.recorder.running_confidence
         if tracks:
             self.history.before_epoch_end(read)
+        folded = False
         try:
             self.recorder.end_epoch(reduce_fn)
+            folded = True
             if tracks:
                 self.history.after_epoch_end(read, self.recorder.epochs_recorded - 1)
         finally:
             if trainer.is_global_zero:
-                self._publish(trainer)
+                self._publish(trainer, decide=folded)
+        policy = self.policy
+        if policy is not None and policy.due(self.recorder.epochs_recorded):
+            if trainer.world_size > 1:  # every rank applies rank zero's decisions
+                state = policy.state_dict() if trainer.is_global_zero else None
+                state = trainer.strategy.broadcast(state, src=0)
+                if not trainer.is_global_zero:
+                    policy.load_state_dict(state)
+            self._warn_if_weights_unused()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The last epoch always gets the review views and the projector.
@@ -273,8 +329,12 @@ class TrainingDynamics(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         if self.recorder is None:
-            return dict(self._pending_state or {})
-        return {**self.recorder.state_dict(), "review_history": self.history.state_dict()}
+            state = dict(self._pending_state or {})
+        else:
+            state = {**self.recorder.state_dict(), "review_history": self.history.state_dict()}
+        if self.policy is not None and self.policy.acted.size:
+            state["actions"] = self.policy.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
@@ -282,13 +342,20 @@ class TrainingDynamics(Callback):
         state = dict(state_dict)
         if "review_history" in state:
             self.history.load_state_dict(state.pop("review_history"))
+        actions = state.pop("actions", None)
+        if actions is not None and self.policy is not None:
+            self.policy.load_state_dict(actions)
         self._pending_state = state
         self.recorder = None
 
-    def _publish(self, trainer: pl.Trainer) -> None:
+    def _publish(self, trainer: pl.Trainer, decide: bool) -> None:
         assert self.recorder is not None
         report = self.recorder.report()
         epoch = self.recorder.epochs_recorded - 1
+        policy = self.policy
+        if decide and policy is not None and policy.due(self.recorder.epochs_recorded):
+            policy.decide(report, epoch, self.recorder.num_samples)
+        report = self._annotated(report)
         if self.write_report:
             log_dir = self._log_dir or Path(trainer.default_root_dir)
             self.report_path = write_report(
@@ -312,6 +379,8 @@ class TrainingDynamics(Callback):
                 epoch,
             )
             log_epoch(writer, report, step=epoch, data_map=False)
+            if policy is not None:
+                log_actions(writer, report, epoch, policy.counter_name, noise_mask=self.noise_mask)
             if self._review_due(epoch):
                 self._review(trainer, writer, report, epoch)
             every = self.projector_every_n_epochs
@@ -359,6 +428,85 @@ class TrainingDynamics(Callback):
             **self._sample_display(trainer),
         )
         self._projected_epoch = epoch
+
+    def _annotated(self, report: pd.DataFrame) -> pd.DataFrame:
+        return self.policy.annotate(report) if self.policy is not None else report
+
+    def _apply_actions(self, trainer: pl.Trainer, batch: Any) -> None:
+        """Before ``training_step``: the batch's weights, and its relabelled targets."""
+        policy = self.policy
+        assert policy is not None
+        if policy.action == "drop":
+            if self._sampler is None and not policy.dry_run:
+                raise TypeError(
+                    "action='drop' removes samples through the train DataLoader's sampler, "
+                    f"which torchdebug cannot control here: {self._sampler_error or 'no '}"
+                    "sampler was recorded. Use action='reweight' (one changed line in "
+                    "training_step) or a map-style dataset with a DataLoader."
+                )
+            return
+        sampled = self._sampler.pending[0] if self._sampler_has_pending() else None
+        try:
+            ids = self._ids(None, batch, sampled, rows=None)
+        except (RuntimeError, TypeError) as err:
+            raise TypeError(
+                f"action={policy.action!r} needs each batch's sample ids before training_step"
+                f" (from get_ids, an 'index' key of the batch or the sampler): {err}"
+            ) from err
+        if policy.action == "reweight":
+            self._batch_weights = policy.batch_weights(ids)
+            return
+        substitute = policy.batch_targets(ids)
+        if substitute is None:
+            return
+        targets = self._targets(None, batch)
+        given = targets.clone()
+        keep = substitute.to(targets.device) < 0
+        targets.copy_(torch.where(keep, targets, substitute.to(targets.device)))
+        if not torch.equal(self._targets(None, batch), targets):
+            raise TypeError(
+                "action='relabel' substitutes labels in the batch's label tensor, but the "
+                "labels torchdebug reads are a copy (get_targets returned a new tensor, or "
+                "the batch holds no tensor of labels). Return the batch's own label tensor "
+                "from get_targets, or use action='reweight'."
+            )
+        self._given_targets = given
+
+    def _provide_batch_weights(self) -> Tensor | None:
+        """The current batch's weights, for ``torchdebug.weighted_loss``."""
+        if self.policy is None or self.policy.action != "reweight" or self.policy.dry_run:
+            return None
+        self._weights_taken = True
+        return self._batch_weights
+
+    def _warn_if_weights_unused(self) -> None:
+        policy = self.policy
+        if policy is None or policy.action != "reweight" or policy.dry_run:
+            return
+        if not self._weights_taken and policy.counts():
+            rank_zero_warn(
+                "TrainingDynamics(action='reweight') chose weights, but training_step did "
+                "not ask for them, so they do not reach the loss. Use loss = "
+                "torchdebug.weighted_loss(F.cross_entropy(logits, y, reduction='none'), self)."
+            )
+        self._weights_taken = False
+
+    def _check_dropped(self, ids: Tensor, sampled: list[int] | None) -> None:
+        """A dropped sample in a batch means the ids are not the sampler's indices."""
+        dropped = self.policy.dropped() if self.policy is not None else None
+        if dropped is None:
+            return
+        host = ids.detach().cpu().numpy()
+        inside = (host >= 0) & (host < dropped.size)
+        hit = host[inside][dropped[host[inside]]]
+        if hit.size:
+            raise RuntimeError(
+                f"Sample id {int(hit[0])} was dropped but is in a training batch: the batch "
+                "ids are not the dataset indices the sampler draws (sampler drew "
+                f"{'nothing' if sampled is None else sampled[:4]}...). action='drop' needs "
+                "ids that are dataset indices; drop get_ids/'index', or use "
+                "action='reweight'."
+            )
 
     def _sample_display(self, trainer: pl.Trainer) -> dict[str, Any]:
         """How the views show a sample: its input, as an image, and class names."""
@@ -417,7 +565,7 @@ class TrainingDynamics(Callback):
             )
         return found
 
-    def _ids(self, outputs: Any, batch: Any, sampled: list[int] | None, rows: int) -> Tensor:
+    def _ids(self, outputs: Any, batch: Any, sampled: list[int] | None, rows: int | None) -> Tensor:
         if self.get_ids is not None:
             return as_id_tensor(self.get_ids(batch))
         for source in (outputs, batch):
@@ -426,7 +574,7 @@ class TrainingDynamics(Callback):
                     if key in source:
                         return as_id_tensor(source[key])
         if sampled is not None:
-            if len(sampled) != rows:
+            if rows is not None and len(sampled) != rows:
                 raise RuntimeError(
                     f"The sampler drew {len(sampled)} indices for a batch of {rows} rows; a "
                     "collate_fn that adds or drops rows breaks id capture. Put an 'index' "
@@ -476,10 +624,13 @@ class TrainingDynamics(Callback):
         if len(loaders) > 1:
             rank_zero_warn("torchdebug tracks only the first of several train dataloaders.")
         try:
-            self._sampler = record_indices(loaders[0])
+            self._sampler = record_indices(loaders[0], self._dropped)
             self._sampler_error = None
         except TypeError as err:
             self._sampler, self._sampler_error = None, err
+
+    def _dropped(self) -> np.ndarray | None:
+        return self.policy.dropped() if self.policy is not None else None
 
 
 class _LogitsCapture:

@@ -4,13 +4,14 @@ The DataLoader draws every batch's dataset indices in the main process, from its
 sampler, and (with ``in_order=True``, the default) hands the batches back in the order it
 drew them, however many workers prefetch. :class:`RecordingBatchSampler` sits around the
 batch sampler and queues each batch's indices as they are drawn; the callback takes the
-oldest entry for each batch it sees. The batches themselves are untouched.
+oldest entry for each batch it sees. The batches themselves are untouched, except that
+with ``TrainingDynamics(action="drop")`` the wrapper leaves the dropped samples out.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,18 +28,44 @@ class RecordingBatchSampler:
     Attribute access falls through to the wrapped sampler, so ``set_epoch`` and friends
     keep working.
 
+    Dropping keeps the number of batches (every DDP rank must take the same number of
+    steps): each batch loses its dropped samples, and a batch that would be left empty
+    takes the last kept sample of the pass instead (or the first kept sample id, at the
+    start of a pass).
+
     Args:
         batch_sampler: The DataLoader's batch sampler.
+        dropped: Returns a boolean mask over sample ids of those to leave out, or ``None``
+            when none are; asked once per pass, so decisions made between epochs apply to
+            the next one.
     """
 
-    def __init__(self, batch_sampler: Any) -> None:
+    def __init__(
+        self,
+        batch_sampler: Any,
+        dropped: Callable[[], np.ndarray | None] | None = None,
+    ) -> None:
         self.batch_sampler = batch_sampler
+        self.dropped = dropped
         self.pending: deque[list[int]] = deque()
 
     def __iter__(self) -> Iterator[list[int]]:
         # A new pass over the data abandons whatever the previous pass left undelivered.
         self.pending.clear()
+        mask = self.dropped() if self.dropped is not None else None
+        last_kept: int | None = None
         for indices in self.batch_sampler:
+            if mask is not None:
+                drawn = np.asarray(indices, dtype=np.int64)
+                kept = drawn[~mask[drawn]]
+                if kept.size < drawn.size:
+                    if kept.size == 0:
+                        fallback = last_kept
+                        if fallback is None:
+                            fallback = int(np.flatnonzero(~mask)[0])
+                        kept = np.array([fallback])
+                    indices = kept.tolist()
+                last_kept = int(kept[-1])
             self.pending.append(list(indices))
             yield indices
 
@@ -51,11 +78,14 @@ class RecordingBatchSampler:
         return getattr(self.batch_sampler, name)
 
 
-def record_indices(loader: Any) -> RecordingBatchSampler:
+def record_indices(
+    loader: Any, dropped: Callable[[], np.ndarray | None] | None = None
+) -> RecordingBatchSampler:
     """Makes ``loader`` queue the dataset indices of each batch it draws (idempotent).
 
     Args:
         loader: The train DataLoader (as Lightning prepared it).
+        dropped: Mask provider of the samples to leave out (see RecordingBatchSampler).
 
     Returns:
         The recording batch sampler now inside ``loader``.
@@ -74,8 +104,9 @@ def record_indices(loader: Any) -> RecordingBatchSampler:
     if loader.num_workers > 0 and not getattr(loader, "in_order", True):
         raise TypeError(f"DataLoader(in_order=False) returns batches out of order. {fix}")
     if isinstance(loader.batch_sampler, RecordingBatchSampler):
+        loader.batch_sampler.dropped = dropped
         return loader.batch_sampler
-    recorder = RecordingBatchSampler(loader.batch_sampler)
+    recorder = RecordingBatchSampler(loader.batch_sampler, dropped)
     # DataLoader forbids re-assigning batch_sampler after construction; the wrapper yields
     # exactly what the original does, so the loader's behaviour is unchanged.
     object.__setattr__(loader, "batch_sampler", recorder)

@@ -37,6 +37,9 @@ REPORT_COLUMNS: tuple[str, ...] = (
     "grad_norm_mean",
     "mislabel_score",
     "flag",
+    "weight",
+    "action",
+    "action_epoch",
 )
 FLAGS: tuple[str, ...] = ("mislabeled", "hard", "ambiguous")
 
@@ -107,6 +110,13 @@ def build_report(agg: Aggregates) -> pd.DataFrame:
       :func:`mislabel_score`.
     - ``flag``: ``"mislabeled"``, ``"hard"``, ``"ambiguous"`` or ``""``; see
       :func:`flag_samples`.
+    - ``weight``: the weight the sample's loss carries under ``TrainingDynamics(action=...)``:
+      0 when dropped, ``1 - mislabel_score`` when reweighted, else 1.
+    - ``action``: ``"drop"``, ``"reweight"`` or ``"relabel"`` for a sample acted on
+      (``"would_drop"`` etc. in a dry run), else ``""``. A relabelled sample trains on its
+      ``suggested_label``; ``given_label`` stays the label of the data.
+    - ``action_epoch``: the epoch whose end first chose the current action (it applies from
+      the next epoch); empty (``<NA>``) when none.
 
     Args:
         agg: Aggregates from :meth:`torchdebug.DynamicsRecorder.aggregates`.
@@ -155,6 +165,9 @@ def build_report(agg: Aggregates) -> pd.DataFrame:
             "grad_norm_mean": a["grad_sum"][ids] / n,
             "mislabel_score": score,
             "flag": flags,
+            "weight": np.ones(ids.size),
+            "action": np.full(ids.size, "", dtype=object),
+            "action_epoch": pd.array([pd.NA] * ids.size, dtype="Int64"),
             "nonfinite_events": a["nonfinite"][ids].astype(np.int64),
         }
     )
@@ -320,7 +333,8 @@ def _separation(gmm: Any) -> float:
 
 def _empty_report() -> pd.DataFrame:
     floats = {"loss_mean", "confidence", "variability", "correctness", "aum"}
-    floats |= {"grad_norm_mean", "mislabel_score"}
+    floats |= {"grad_norm_mean", "mislabel_score", "weight"}
     dtypes = {name: np.float64 if name in floats else np.int64 for name in REPORT_COLUMNS}
-    dtypes.update(first_learned_epoch="Int64", flag=object, nonfinite_events=np.int64)
+    dtypes.update(first_learned_epoch="Int64", flag=object, action=object, action_epoch="Int64")
+    dtypes.update(nonfinite_events=np.int64)
     return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in dtypes.items()})

@@ -9,7 +9,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchdebug.figures import data_map_figure
 from torchdebug.scores import FLAGS
 
-__all__ = ["HISTOGRAM_COLUMNS", "log_epoch"]
+__all__ = ["HISTOGRAM_COLUMNS", "log_actions", "log_epoch"]
 
 
 HISTOGRAM_COLUMNS: dict[str, str] = {
@@ -76,6 +76,36 @@ def log_epoch(
         _log_scalars(writer, report, step, prefix)
     if data_map and not report.empty:
         writer.add_figure(f"{prefix}/data_map", data_map_figure(report), step, close=True)
+
+
+def log_actions(
+    writer: SummaryWriter,
+    report: pd.DataFrame,
+    step: int,
+    counter: str,
+    *,
+    noise_mask: np.ndarray | None = None,
+    prefix: str = "torchdebug",
+) -> None:
+    """Write how many samples an action holds now (``actions/<counter>``, e.g.
+    ``actions/dropped``), and with a known ``noise_mask`` the fraction of them whose label
+    is really wrong (``actions/precision``).
+
+    Args:
+        writer: Open writer.
+        report: Per-sample report with its ``action`` column filled.
+        step: Global step, usually the epoch.
+        counter: Scalar name: ``dropped``, ``reweighted``, ``relabelled`` (``dry_run_...``
+            in a dry run).
+        noise_mask: Boolean per sample id, True where the label is known to be wrong.
+        prefix: Tag prefix.
+    """
+    prefix = prefix.rstrip("/")
+    acted = (report["action"] != "").to_numpy() if not report.empty else np.zeros(0, bool)
+    writer.add_scalar(f"{prefix}/actions/{counter}", int(acted.sum()), step)
+    if noise_mask is not None and acted.any():
+        ids = report["sample_id"].to_numpy()[acted]
+        writer.add_scalar(f"{prefix}/actions/precision", float(noise_mask[ids].mean()), step)
 
 
 def _log_scalars(writer: SummaryWriter, report: pd.DataFrame, step: int, prefix: str) -> None:
