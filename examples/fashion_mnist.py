@@ -7,6 +7,7 @@ Run (about a minute on two CPU cores)::
 
     python examples/fashion_mnist.py
     python examples/fashion_mnist.py --data-dir path/to/fashion-mnist --epochs 8
+    python examples/fashion_mnist.py --action drop   # also leave flagged samples out
 
 The Fashion-MNIST idx files are read from ``--data-dir``, else ``$TORCHDEBUG_DATA_DIR``,
 else where Debian's ``dataset-fashion-mnist`` package installs them.
@@ -35,6 +36,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--root", default="runs/fashion_mnist")
+    parser.add_argument(
+        "--action",
+        choices=["drop", "relabel"],
+        default=None,
+        help="act on the flagged samples after the warm-up (default: observe only)",
+    )
     args = parser.parse_args()
 
     L.seed_everything(args.seed)
@@ -51,7 +58,7 @@ def main() -> None:
         max_epochs=args.epochs,
         accelerator="auto",
         default_root_dir=args.root,
-        callbacks=[torchdebug.TrainingDynamics()],  # torchdebug: the one added line
+        callbacks=[torchdebug.TrainingDynamics(action=args.action)],  # the one added line
         log_every_n_steps=10,
     )
     trainer.fit(model, datamodule=datamodule)
@@ -74,6 +81,11 @@ def main() -> None:
         f"flag == 'mislabeled': {int(flagged.sum())} flagged, precision {precision:.3f}, "
         f"recall {recall:.3f} ({int(truly_flipped.sum())} labels were flipped)"
     )
+    if args.action:
+        acted = (report["action"] == args.action).to_numpy()
+        right = int((acted & truly_flipped).sum())
+        print(f"action={args.action!r}: {int(acted.sum())} samples, {right} truly flipped")
+    print(f"validation accuracy (clean labels): {float(trainer.callback_metrics['val_acc']):.3f}")
     print(f"\nExplore the run: tensorboard --logdir {trainer.log_dir}")
 
 

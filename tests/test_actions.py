@@ -163,7 +163,7 @@ def test_drop_works_with_a_weighted_sampler_and_a_dataloader_reload(tmp_path: Pa
     samples = Samples()
     weights = torch.linspace(1.0, 2.0, N)
     sampler = WeightedRandomSampler(weights, num_samples=N, replacement=True)
-    loader = DataLoader(samples, batch_size=6, sampler=sampler)
+    loader = DataLoader(samples, batch_size=6, sampler=sampler, num_workers=2)
     dynamics = TrainingDynamics(action="drop", warmup_epochs=2)
     module, _ = fit(tmp_path, dynamics, loader=loader, reload_dataloaders_every_n_epochs=1)
 
@@ -237,9 +237,7 @@ def test_relabel_trains_on_the_suggested_label_and_reports_the_given_one(
     module, _ = fit(tmp_path, dynamics)
 
     for step in module.steps:
-        expected = [
-            true_label(i) if step["epoch"] >= 2 else given_label(i) for i in step["ids"]
-        ]
+        expected = [true_label(i) if step["epoch"] >= 2 else given_label(i) for i in step["ids"]]
         assert step["y"] == expected
     report = dynamics.report().set_index("sample_id")
     assert report.loc[NOISY, "given_label"].tolist() == [given_label(i) for i in NOISY]
@@ -310,6 +308,20 @@ def test_the_per_class_and_overall_caps_keep_the_highest_scores() -> None:
     overall = ActionPolicy("drop", warmup_epochs=1, max_fraction=0.2, max_class_fraction=0.5)
     overall.decide(make_report(given, score), epoch=0, num_samples=len(given))
     assert np.flatnonzero(overall.acted).tolist() == [4, 10, 11, 12]  # floor(0.2 * 24)
+
+
+def test_the_per_class_cap_holds_in_training(tmp_path: Path) -> None:
+    dynamics = TrainingDynamics(action="drop", warmup_epochs=1, max_class_fraction=0.1)
+    module, _ = fit(tmp_path, dynamics, epochs=3)
+    report = dynamics.report()
+    acted = report[report["action"] == "drop"]
+    # 20 samples per given class: at most 2 each, though 4 per class are flagged.
+    assert acted.groupby("given_label").size().tolist() == [2, 2, 2]
+    flagged = report[report["flag"] == "mislabeled"]
+    for label, rows in flagged.groupby("given_label"):
+        top = rows.nlargest(2, "mislabel_score")["sample_id"]
+        assert set(top) == set(acted.loc[acted["given_label"] == label, "sample_id"])
+    assert not set(acted["sample_id"]) & ids_by_epoch(module)[2]
 
 
 def test_decisions_are_revisited_and_remember_when_they_began() -> None:

@@ -229,10 +229,11 @@ def sample_weights(module: Any, like: Tensor | None = None) -> Tensor | None:
 
     Returns:
         ``[batch]`` weights in [0, 1], or ``None`` when no callback reweights this batch
-        (no Trainer, no ``TrainingDynamics(action="reweight")``, a dry run).
+        (no Trainer, not a training batch, no ``TrainingDynamics(action="reweight")``, a
+        dry run).
     """
     trainer = getattr(module, "_trainer", None)
-    if trainer is None:
+    if trainer is None or not trainer.training:  # validation steps are never weighted
         return None
     weights = None
     for callback in trainer.callbacks:
