@@ -34,11 +34,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -49,7 +47,7 @@ import numpy as np
 import torch
 from cleanlab.filter import find_label_issues
 from cleanlab.rank import get_label_quality_scores
-from readme_table import update_readme
+from readme_table import quiet_lightning, update_readme
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
@@ -89,7 +87,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST files")
     parser.add_argument("--readme", action="store_true", help="rewrite the README table")
     args = parser.parse_args()
-    _quiet()
+    quiet_lightning()
 
     settings = _grid(args)
     results, references = [], {}
@@ -316,11 +314,6 @@ def _row_summary(result: dict[str, Any]) -> str:
         f"{m['torchdebug']['auroc']:.4f} F1 {m['torchdebug']['f1']:.3f} | {cv} AUROC "
         f"{m[cv]['auroc']:.4f} F1 {m[cv]['f1']:.3f}"
     )
-
-
-def _quiet() -> None:
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*(LeafSpec|val_dataloader|num_workers).*")
 
 
 if __name__ == "__main__":

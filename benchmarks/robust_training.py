@@ -35,11 +35,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import time
-import warnings
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from readme_table import update_readme
+from readme_table import quiet_lightning, update_readme
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -93,7 +92,7 @@ def main() -> None:
     parser.add_argument("--name", default="robust_training", help="results file name")
     parser.add_argument("--readme", action="store_true", help="rewrite the README table")
     args = parser.parse_args()
-    _quiet()
+    quiet_lightning()
 
     images, labels = seeded_subset(*load_fashion_mnist(args.data_dir, "train"), args.samples, 0)
     test = load_fashion_mnist(args.data_dir, "test")
@@ -146,19 +145,8 @@ def _fit(
     dynamics = TrainingDynamics(tensorboard=False, write_report=False, **options)
     L.seed_everything(seed, verbose=False)
     model = Classifier("cnn", image_size=28)
-    trainer = L.Trainer(
-        max_epochs=args.epochs,
-        accelerator="auto",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[dynamics],
-    )
-    loader = DataLoader(TensorDataset(images, labels), batch_size=BATCH_SIZE, shuffle=True)
     start = time.perf_counter()
-    trainer.fit(model, loader)
+    _fit_quietly(model, images, labels, args.epochs, [dynamics])
     seconds = time.perf_counter() - start
 
     result: dict[str, Any] = {"accuracy": _accuracy(model, *test), "seconds": seconds}
@@ -174,6 +162,24 @@ def _fit(
             suggested = report.set_index("sample_id").loc[acted, "suggested_label"]
             result["relabelled_right"] = float((suggested.to_numpy() == clean[acted]).mean())
     return result
+
+
+def _fit_quietly(
+    model: ImageClassifier, images: Tensor, labels: Tensor, epochs: int, callbacks: list
+) -> None:
+    """Fits with shuffled batches and no logger, checkpoint, progress bar or summary."""
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    loader = DataLoader(TensorDataset(images, labels), batch_size=BATCH_SIZE, shuffle=True)
+    trainer.fit(model, loader)
 
 
 @torch.no_grad()
@@ -196,19 +202,7 @@ def _reference_probs(images: Tensor, labels: Tensor, epochs: int = 5) -> Tensor:
         keep[held_out] = False
         L.seed_everything(100, verbose=False)
         model = ImageClassifier("cnn", image_size=28)
-        trainer = L.Trainer(
-            max_epochs=epochs,
-            accelerator="auto",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        loader = DataLoader(
-            TensorDataset(images[keep], labels[keep]), batch_size=BATCH_SIZE, shuffle=True
-        )
-        trainer.fit(model, loader)
+        _fit_quietly(model, images[keep], labels[keep], epochs, [])
         model.eval()
         with torch.no_grad():
             probs[held_out] = torch.softmax(model(images[held_out].to(model.device)), 1).cpu()
@@ -243,10 +237,17 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float
             if not found:
                 continue
             acc = np.array([r["accuracy"] for r in found])
+            baseline = {
+                r["seed"]: r["seconds"]
+                for r in runs
+                if r["noise"] == noise and r["arm"] == "noisy, no action"
+            }
+            ratios = [r["seconds"] / baseline[r["seed"]] for r in found if r["seed"] in baseline]
             rows[arm] = {
                 "mean": float(acc.mean()),
                 "std": float(acc.std(ddof=1)) if acc.size > 1 else 0.0,
                 "seconds": float(np.mean([r["seconds"] for r in found])),
+                "time_ratio": float(np.mean(ratios)) if ratios else float("nan"),
                 "seeds": int(acc.size),
             }
             precision = [r["acted_precision"] for r in found if r.get("acted_precision")]
@@ -277,73 +278,78 @@ def markdown(payload: dict[str, Any]) -> str:
         "in brackets the share of the clean-vs-noisy gap the action recovers (at 0% noise: "
         "the change against clean labels).",
         "",
-        "| noise | " + " | ".join(ARMS) + " |",
-        "|---|" + "---|" * len(ARMS),
-    ]
-    for noise, rows in summary.items():
-        rate = next(r["rate"] for r in payload["runs"] if r["noise"] == noise)
-        label = "none (0%)" if rate == 0 else f"{noise.replace('_', '-')} {rate:.0%}"
-        cells = []
-        for arm in ARMS:
-            row = rows.get(arm)
-            if row is None:
-                cells.append("")
-                continue
-            cell = f"{row['mean']:.2f} ± {row['std']:.2f}"
-            if rate > 0 and row.get("recovered") is not None:
-                cell += f" ({row['recovered']:+.0%})"
-            elif rate == 0 and "cost_vs_clean" in row:
-                cell += f" ({-row['cost_vs_clean']:+.2f} pt)"
-            cells.append(cell)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += [
+        *_table(summary, payload["runs"], _accuracy_cell),
         "",
         "Samples acted on at the end (mean over seeds; in brackets the share whose label "
-        "really was flipped) and training seconds per run:",
+        "really was flipped) and training wall time as a ratio to the `noisy, no action` "
+        "run of the same seed, trained in the same process just before (mean over seeds):",
         "",
-        "| noise | " + " | ".join(ARMS) + " |",
-        "|---|" + "---|" * len(ARMS),
+        *_table(summary, payload["runs"], _cost_cell),
     ]
-    for noise, rows in summary.items():
-        cells = []
-        for arm in ARMS:
-            row = rows.get(arm)
-            if row is None:
-                cells.append("")
-            elif "acted" in row:
-                share = f" ({row['acted_precision']:.0%})" if row["acted"] else ""
-                cells.append(f"{row['acted']:.0f}{share}, {row['seconds']:.0f} s")
-            else:
-                cells.append(f"{row['seconds']:.0f} s")
-        lines.append(f"| {noise.replace('_', '-')} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _table(
+    summary: dict[str, dict[str, dict[str, float]]],
+    runs: list[dict[str, Any]],
+    cell: Callable[[dict[str, float], float], str],
+) -> list[str]:
+    """Markdown rows: one per noise setting, one ``cell(row, rate)`` per arm."""
+    lines = ["| noise | " + " | ".join(ARMS) + " |", "|---|" + "---|" * len(ARMS)]
+    for noise, rows in summary.items():
+        rate = next(r["rate"] for r in runs if r["noise"] == noise)
+        label = "none (0%)" if rate == 0 else f"{noise.replace('_', '-')} {rate:.0%}"
+        cells = [cell(rows[arm], rate) if arm in rows else "" for arm in ARMS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _accuracy_cell(row: dict[str, float], rate: float) -> str:
+    cell = f"{row['mean']:.2f} ± {row['std']:.2f}"
+    if rate > 0 and row.get("recovered") is not None:
+        cell += f" ({row['recovered']:+.0%})"
+    elif rate == 0 and "cost_vs_clean" in row:
+        cell += f" ({0.0 - row['cost_vs_clean']:+.2f} pt)"  # no "-0.00"
+    return cell
+
+
+def _cost_cell(row: dict[str, float], rate: float) -> str:
+    if "acted" not in row:
+        return f"{row['time_ratio']:.2f}x"
+    share = f" ({row['acted_precision']:.0%})" if row["acted"] else ""
+    return f"{row['acted']:.0f}{share}, {row['time_ratio']:.2f}x"
+
+
 def warmup_markdown(payload: dict[str, Any]) -> str:
-    """Test accuracy per warm-up length, noise setting and action (mean over seeds)."""
+    """Test accuracy per noise setting: the two baselines, then each action per warm-up
+    length (mean over seeds; in brackets the samples acted on at the end)."""
     runs = payload["runs"]
     seeds = ", ".join(str(s) for s in payload["seeds"])
-    lines = [
-        f"Measured {payload['date']} on {payload['machine']}: same data, network and epochs "
-        f"as the table above, seeds {seeds}; test accuracy (%), mean over seeds.",
-        "",
-    ]
     warmups = sorted({r["warmup"] for r in runs if "warmup" in r})
-    lines += [
-        "| noise | arm | " + " | ".join(f"warm-up {w}" for w in warmups) + " |",
-        "|---|---|" + "---|" * len(warmups),
+    actions = [a for a in ACTIONS if any(r["arm"] == a for r in runs)]
+    columns = [(arm, None) for arm in ARMS[:2]]
+    columns += [(a, w) for a in actions for w in warmups]
+    lines = [
+        f"Measured {payload['date']} on {payload['machine']}: the data, network and epochs "
+        f"of the table above, seeds {seeds}; test accuracy (%), mean over seeds, and in "
+        "brackets the samples acted on at the end.",
+        "",
+        "| noise | " + " | ".join(f"{a}, warm-up {w}" if w else a for a, w in columns) + " |",
+        "|---|" + "---|" * len(columns),
     ]
     for noise in dict.fromkeys(r["noise"] for r in runs):
-        for arm in dict.fromkeys(r["arm"] for r in runs if r["noise"] == noise):
-            cells = []
-            for w in warmups:
-                acc = [
-                    r["accuracy"]
-                    for r in runs
-                    if r["noise"] == noise and r["arm"] == arm and r.get("warmup", w) == w
-                ]
-                cells.append(f"{np.mean(acc):.2f}" if acc else "")
-            lines.append(f"| {noise.replace('_', '-')} | {arm} | " + " | ".join(cells) + " |")
+        cells = []
+        for arm, warmup in columns:
+            found = [
+                r
+                for r in runs
+                if r["noise"] == noise and r["arm"] == arm and r.get("warmup") == warmup
+            ]
+            cell = f"{np.mean([r['accuracy'] for r in found]):.2f}" if found else ""
+            if found and warmup is not None:
+                cell += f" ({np.mean([r['acted'] for r in found]):.0f})"
+            cells.append(cell)
+        lines.append(f"| {noise.replace('_', '-')} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -357,11 +363,6 @@ def _line(run: dict[str, Any]) -> str:
         f"seed {run['seed']} {run['noise']} {run['rate']:.0%} {run['arm']}: "
         f"{run['accuracy']:.2f}% in {run['seconds']:.0f} s{extra}"
     )
-
-
-def _quiet() -> None:
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*(LeafSpec|val_dataloader|num_workers).*")
 
 
 if __name__ == "__main__":

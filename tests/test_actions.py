@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, WeightedRandomSampler
 
 from torchdebug import TrainingDynamics, load_report, weighted_loss
 from torchdebug.actions import ActionPolicy
@@ -278,6 +278,22 @@ def test_drop_refuses_ids_that_are_not_dataset_indices(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="dataset indices"):
         fit(tmp_path, dynamics, loader=loader, epochs=3)
     assert load_report(dynamics.report_path)["epochs_seen"].max() >= 1  # kept what it had
+
+
+class Stream(IterableDataset):
+    def __iter__(self) -> Any:
+        for i in range(N):
+            yield {"x": torch.tensor([float(i)]), "y": given_label(i), "index": i}
+
+
+def test_drop_refuses_a_loader_whose_sampler_it_cannot_control(tmp_path: Path) -> None:
+    dynamics = TrainingDynamics(action="drop", warmup_epochs=1)
+    with pytest.raises(TypeError, match="IterableDataset has no indices"):
+        fit(tmp_path, dynamics, loader=DataLoader(Stream(), batch_size=8), epochs=2)
+    # Observing the same stream works: its batches carry their ids.
+    observer = TrainingDynamics(num_samples=N)
+    fit(tmp_path / "observe", observer, loader=DataLoader(Stream(), batch_size=8), epochs=1)
+    assert len(observer.report()) == N
 
 
 def make_report(given: list[int], score: list[float]) -> pd.DataFrame:

@@ -13,16 +13,17 @@ within two caps: at most ``max_fraction`` of all samples and at most
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
-__all__ = ["ACTIONS", "ActionPolicy", "sample_weights", "weighted_loss"]
+__all__ = ["ACTIONS", "Action", "ActionPolicy", "sample_weights", "weighted_loss"]
 
-ACTIONS: tuple[str, ...] = ("drop", "reweight", "relabel")
+Action = Literal["drop", "reweight", "relabel"]
+ACTIONS: tuple[str, ...] = get_args(Action)
 """The actions ``TrainingDynamics(action=...)`` accepts besides ``None``."""
 
 # What the report's ``action`` column says for a sample acted on; a dry run prefixes
@@ -43,11 +44,18 @@ class ActionPolicy:
 
     Raises:
         ValueError: For an unknown action or an option out of range.
+
+    Example::
+
+        >>> policy = ActionPolicy("drop", warmup_epochs=1, max_fraction=0.5,
+        ...                       max_class_fraction=0.5)
+        >>> policy.decide(report, epoch=0, num_samples=len(dataset))
+        >>> skip = policy.dropped()  # boolean mask over sample ids, or None
     """
 
     def __init__(
         self,
-        action: str,
+        action: Action,
         *,
         warmup_epochs: int,
         max_fraction: float,
@@ -231,6 +239,11 @@ def sample_weights(module: Any, like: Tensor | None = None) -> Tensor | None:
         ``[batch]`` weights in [0, 1], or ``None`` when no callback reweights this batch
         (no Trainer, not a training batch, no ``TrainingDynamics(action="reweight")``, a
         dry run).
+
+    Example::
+
+        >>> w = sample_weights(self, like=losses)  # in training_step
+        >>> loss = losses.mean() if w is None else (losses * w).sum() / w.sum().clamp_min(1e-8)
     """
     trainer = getattr(module, "_trainer", None)
     if trainer is None or not trainer.training:  # validation steps are never weighted

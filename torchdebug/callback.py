@@ -19,8 +19,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.utils.data import IterableDataset
 
-from torchdebug.actions import ActionPolicy
+from torchdebug.actions import Action, ActionPolicy
 from torchdebug.recorder import DynamicsRecorder
 from torchdebug.report import REPORT_DIRNAME, REPORT_FILENAME, write_report
 from torchdebug.review import (
@@ -50,7 +51,7 @@ _INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values")
 _REVIEW_BUDGET = 0.03
 _FIRST_REVIEW_SECONDS = 0.3
 # Epochs recorded before an action starts (chosen on benchmarks/robust_training.py).
-DEFAULT_WARMUP_EPOCHS = 3
+DEFAULT_WARMUP_EPOCHS = 5
 
 
 class TrainingDynamics(Callback):
@@ -151,7 +152,7 @@ class TrainingDynamics(Callback):
         projector_every_n_epochs: int | None = None,
         projector_max_points: int = 2000,
         noise_mask: Sequence[bool] | Tensor | None = None,
-        action: str | None = None,
+        action: Action | None = None,
         warmup_epochs: int = DEFAULT_WARMUP_EPOCHS,
         max_fraction: float = 0.5,
         max_class_fraction: float = 0.5,
@@ -255,6 +256,7 @@ class TrainingDynamics(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._capture.arm()
+        self._given_targets = None  # a skipped batch must not leave its labels behind
         if self.policy is not None:
             self._apply_actions(trainer, batch)
 
@@ -438,11 +440,11 @@ class TrainingDynamics(Callback):
         assert policy is not None
         if policy.action == "drop":
             if self._sampler is None and not policy.dry_run:
+                reason = self._sampler_error or "no train DataLoader sampler was found."
                 raise TypeError(
                     "action='drop' removes samples through the train DataLoader's sampler, "
-                    f"which torchdebug cannot control here: {self._sampler_error or 'no '}"
-                    "sampler was recorded. Use action='reweight' (one changed line in "
-                    "training_step) or a map-style dataset with a DataLoader."
+                    f"which torchdebug cannot control here: {reason} Use action='reweight' "
+                    "(one changed line in training_step) or a map-style dataset."
                 )
             return
         sampled = self._sampler.pending[0] if self._sampler_has_pending() else None
@@ -461,8 +463,8 @@ class TrainingDynamics(Callback):
             return
         targets = self._targets(None, batch)
         given = targets.clone()
-        keep = substitute.to(targets.device) < 0
-        targets.copy_(torch.where(keep, targets, substitute.to(targets.device)))
+        substitute = substitute.to(targets.device)
+        targets.copy_(torch.where(substitute < 0, targets, substitute))
         if not torch.equal(self._targets(None, batch), targets):
             raise TypeError(
                 "action='relabel' substitutes labels in the batch's label tensor, but the "
@@ -523,7 +525,9 @@ class TrainingDynamics(Callback):
         if self.get_ids is not None:
             return None  # ids are the user's, not dataset indices
         dataset = _train_dataset(trainer)
-        if dataset is None or not hasattr(dataset, "__getitem__"):
+        if dataset is None or isinstance(dataset, IterableDataset):
+            return None  # no item to look up by index (Dataset.__getitem__ only raises)
+        if not hasattr(dataset, "__getitem__"):
             return None
         return functools.partial(_lookup_input, dataset)
 
