@@ -7,6 +7,7 @@ dynamics, score every sample and flag likely mislabeled, hard and ambiguous ones
 
 from torchdebug.actions import sample_weights, weighted_loss
 from torchdebug.callback import TrainingDynamics
+from torchdebug.grad_norms import per_sample_grad_norms
 from torchdebug.recorder import DynamicsRecorder, SampleError
 from torchdebug.report import load_report
 from torchdebug.scores import REPORT_COLUMNS
@@ -17,6 +18,7 @@ __all__ = [
     "SampleError",
     "TrainingDynamics",
     "load_report",
+    "per_sample_grad_norms",
     "sample_weights",
     "weighted_loss",
 ]

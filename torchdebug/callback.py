@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import IterableDataset
 
 from torchdebug.actions import Action, ActionPolicy
+from torchdebug.grad_norms import GradNormMode, LayerTaps, ce_logits_grad, check_mode
 from torchdebug.recorder import DynamicsRecorder
 from torchdebug.report import REPORT_DIRNAME, REPORT_FILENAME, write_report
 from torchdebug.review import (
@@ -126,6 +127,17 @@ class TrainingDynamics(Callback):
             no class vanishes).
         dry_run: Decide, report (``action`` reads ``"would_drop"`` etc.) and log, but leave
             training unchanged.
+        grad_norm: What ``grad_norm_mean`` measures: the norm of each sample's
+            cross-entropy gradient with respect to ``"logits"`` (default, free),
+            ``"last_layer"`` (the weight and bias of the ``nn.Linear`` that produces the
+            logits, exact, from its input features) or ``"full"`` (every trainable
+            parameter of supported layers, exact, from the training step's own backward
+            pass; see :func:`torchdebug.per_sample_grad_norms`). ``"full"`` runs in eager
+            mode only and scales each row by its logits gradient, so it is exact for any
+            reduction, gradient accumulation, loss scaling and per-sample loss weights.
+        grad_norm_strict: With ``grad_norm="full"``, raise at the start of training when
+            a trainable parameter cannot be covered, instead of leaving it out (the covered
+            fraction is in the report metadata).
 
     Raises:
         ValueError: At construction, for a bad option.
@@ -157,7 +169,10 @@ class TrainingDynamics(Callback):
         max_fraction: float = 0.5,
         max_class_fraction: float = 0.5,
         dry_run: bool = False,
+        grad_norm: GradNormMode = "logits",
+        grad_norm_strict: bool = False,
     ) -> None:
+        check_mode(grad_norm)
         if num_samples is not None and num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}.")
         for option, value in (
@@ -218,6 +233,10 @@ class TrainingDynamics(Callback):
         self._batch_weights: Tensor | None = None
         self._given_targets: Tensor | None = None
         self._weights_taken = False
+        self.grad_norm = grad_norm
+        self.grad_norm_strict = grad_norm_strict
+        self._taps: LayerTaps | None = None
+        self._grad_trouble: Tensor | None = None  # rows whose loss was not cross-entropy's
 
     @property
     def state_key(self) -> str:
@@ -232,7 +251,12 @@ class TrainingDynamics(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._capture.attach(pl_module, self.logits_module)
+        if self.grad_norm != "logits":
+            _refuse_compiled(pl_module, self.grad_norm)
+            self._taps = LayerTaps(pl_module, self.grad_norm, strict=self.grad_norm_strict)
+            self._taps.attach()
+        watch = self._taps.watch if self._taps is not None else None
+        self._capture.attach(pl_module, self.logits_module, watch=watch)
         dropping = self.policy is not None and self.policy.action == "drop"
         if self.get_ids is None or dropping:  # dropping needs the sampler, whatever the ids
             self._hook_dataloader_setup(trainer)
@@ -241,6 +265,8 @@ class TrainingDynamics(Callback):
         if stage != "fit":
             return
         self._capture.detach()
+        if self._taps is not None:
+            self._taps.detach()
         if self._fit_loop is not None:
             self._fit_loop.__dict__.pop("_load_combined_loader_states", None)
             self._fit_loop = None
@@ -256,6 +282,8 @@ class TrainingDynamics(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._capture.arm()
+        if self._taps is not None:
+            self._taps.arm()
         self._given_targets = None  # a skipped batch must not leave its labels behind
         if self.policy is not None:
             self._apply_actions(trainer, batch)
@@ -283,12 +311,19 @@ class TrainingDynamics(Callback):
         ids = self._ids(outputs, batch, sampled_ids, rows=logits.shape[0])
         if self.policy is not None and self.policy.dropped() is not None:
             self._check_dropped(ids, sampled_ids)
-        self._ensure_recorder(trainer, logits).update(ids, logits, targets)
+        recorder = self._ensure_recorder(trainer, logits)
+        grad_norm = self._parameter_grad_norms(logits, targets) if self._taps else None
+        recorder.update(ids, logits, targets, grad_norm=grad_norm)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._taps is not None:
+            self._taps.finish_backward()  # the norms now, so the activations can go
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.recorder is None:
             return
         self._epoch_seconds = time.perf_counter() - self._epoch_started
+        self._warn_grad_trouble()
         reduce_fn = _all_reduce if trainer.world_size > 1 and dist.is_initialized() else None
         # Trajectories serve only the TensorBoard views, which rank zero writes.
         tracks = self.tensorboard and trainer.is_global_zero
@@ -367,7 +402,7 @@ class TrainingDynamics(Callback):
                 epochs_recorded=self.recorder.epochs_recorded,
                 num_samples=self.recorder.num_samples,
                 num_classes=self.recorder.num_classes,
-                grad_norm="logits",
+                **self._grad_norm_metadata(),
                 statistics_from="training forward pass",
             )
         writer = _tensorboard_writer(trainer) if self.tensorboard else None
@@ -510,6 +545,60 @@ class TrainingDynamics(Callback):
                 "action='reweight'."
             )
 
+    def _parameter_grad_norms(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Per-row norms of the cross-entropy gradient over the chosen parameters.
+
+        ``last_layer`` needs no backward: the final layer's per-sample gradient is the
+        outer product of the cross-entropy logits gradient ``d = softmax(z) - onehot(y)``
+        and its input. ``full`` takes the norms of the training loss's own per-row
+        gradients and divides each row by its scale ``c = <G, d> / ||d||^2``, where ``G`` is
+        that row's gradient with respect to the logits: this undoes the loss reduction,
+        gradient accumulation, a loss scaler and per-sample weights alike."""
+        taps = self._taps
+        assert taps is not None
+        safe = targets.to(logits.device).long().clamp(0, logits.shape[1] - 1)
+        d = ce_logits_grad(logits, safe)
+        if taps.mode == "last_layer":
+            return taps.last_layer_sq(logits, d).sqrt()
+        taps.finish_backward()  # if no on_after_backward ran (e.g. a custom loop)
+        grad = taps.output_grad(logits)
+        if taps.raw_sq is None or grad is None:
+            raise ValueError(
+                "grad_norm='full' caught no gradient for the logits of this step: the "
+                "logits must be the output of a module called in training_step, and the "
+                "step's backward must run on a loss of them. Use grad_norm='last_layer'."
+            )
+        grad = grad.float()
+        dd, gd, gg = d.square().sum(1), (grad * d).sum(1), grad.square().sum(1)
+        scale = gd / dd.clamp_min(torch.finfo(torch.float32).tiny)
+        norms = torch.where(scale != 0, taps.raw_sq.sqrt() / scale.abs(), 0.0)
+        # Rows whose gradient is not parallel to cross-entropy's, or that got none.
+        trouble = ((gd.square() < 0.98 * gg * dd) & (gg > 0)) | ((gg == 0) & (dd > 0))
+        count = trouble.sum()
+        self._grad_trouble = count if self._grad_trouble is None else self._grad_trouble + count
+        return norms
+
+    def _warn_grad_trouble(self) -> None:
+        if self._grad_trouble is None:
+            return
+        count, self._grad_trouble = int(self._grad_trouble), None
+        if count:
+            rank_zero_warn(
+                f"grad_norm='full': in {count} rows this epoch the training loss's gradient "
+                "was not a multiple of the cross-entropy gradient of the given label (label "
+                "smoothing, another loss, extra terms, or a weight of zero), so their norms "
+                "are approximate (zero where no gradient came). Use grad_norm='last_layer', "
+                "which needs no backward, for exact cross-entropy norms."
+            )
+
+    def _grad_norm_metadata(self) -> dict[str, Any]:
+        taps = self._taps
+        return {
+            "grad_norm": self.grad_norm,
+            "grad_norm_coverage": taps.coverage if taps is not None else None,
+            "grad_norm_excluded": dict(taps.excluded) if taps is not None else {},
+        }
+
     def _sample_display(self, trainer: pl.Trainer) -> dict[str, Any]:
         """How the views show a sample: its input, as an image, and class names."""
         return {
@@ -650,9 +739,17 @@ class _LogitsCapture:
         self._armed = False
         self._root: Tensor | None = None
         self._children: dict[str, Tensor] = {}
+        self._watch: Callable[[Tensor], None] | None = None
 
-    def attach(self, pl_module: nn.Module, name: str | None) -> None:
+    def attach(
+        self,
+        pl_module: nn.Module,
+        name: str | None,
+        watch: Callable[[Tensor], None] | None = None,
+    ) -> None:
+        """Hooks the module (or ``name``); ``watch`` is told of every candidate kept."""
         self.detach()
+        self._watch = watch
         if name is not None:
             module = pl_module.get_submodule(name)
             self._handles.append(module.register_forward_hook(self._keep_root))
@@ -691,10 +788,26 @@ class _LogitsCapture:
     def _keep_root(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._armed and _looks_like_logits(output):
             self._root = output
+            if self._watch is not None:
+                self._watch(output)
 
     def _keep_child(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         if self._armed and _looks_like_logits(output) and output.shape[1] >= 2:
             self._children[name] = output
+            if self._watch is not None:
+                self._watch(output)
+
+
+def _refuse_compiled(pl_module: nn.Module, mode: str) -> None:
+    """Parameter-gradient modes hook layers in eager mode; compiled code skips the hooks."""
+    compiled = [n for n, m in pl_module.named_modules() if type(m).__name__ == "OptimizedModule"]
+    if compiled or getattr(pl_module, "_compiler_ctx", None):
+        where = f" (compiled: {', '.join(compiled)})" if compiled else ""
+        raise ValueError(
+            f"grad_norm={mode!r} reads layer activations through eager-mode hooks, which "
+            f"torch.compile does not run{where}. Train without torch.compile for these "
+            "norms, or use grad_norm='logits', which works compiled."
+        )
 
 
 def _skipped(pl_module: pl.LightningModule, outputs: Any) -> bool:
