@@ -2,14 +2,20 @@
 
 Run::
 
-    python benchmarks/overhead.py --pairs 9 --readme
+    python benchmarks/overhead.py --pairs 5 --readme
     python benchmarks/overhead.py --pairs 5 --epochs 1 --data-dir path/to/fashion-mnist
 
 What it measures: the same training (``ImageClassifier("cnn")``, batch 128, on a 10k subset
 of Fashion-MNIST when its files are found, else on scikit-learn's 1797 digits) run without
 the callback and with it under each recording option, in one process:
 
-- ``record``: ``TrainingDynamics(tensorboard=False, write_report=False)``, recording only;
+- ``logits``: ``TrainingDynamics(tensorboard=False, write_report=False)``, recording only,
+  with the default ``grad_norm="logits"``;
+- ``last_layer``, ``full``: the same with ``grad_norm="last_layer"`` / ``"full"``, the exact
+  per-sample gradient norm over the final layer / every supported layer;
+- ``vmap``: the anchor, ``logits`` recording plus the naive way to get per-sample gradient
+  norms over all parameters: ``torch.func.vmap`` of ``torch.func.grad`` on every batch (a
+  second forward and backward, vectorised over the samples);
 - ``report``: ``TrainingDynamics(tensorboard=False)``, plus the Parquet report each epoch;
 - ``default``: ``TrainingDynamics()`` as a user adds it, with the report and the TensorBoard
   views (both sides of this pair log to a ``TensorBoardLogger``).
@@ -33,12 +39,16 @@ On a shared machine whose speed drifts during a run, two more figures hold up be
 ratio of the median per-batch step times, and the hook share, the fraction of the step
 time of a "with" run spent inside the callback's own per-batch hooks (measured in that
 same run, so a slowdown scales both parts). The hook share leaves out the forward hooks
-that catch the logits and the sampler wrapper that records ids (the latter runs during
-data loading).
+that catch the logits and layer inputs, the gradient hooks of ``grad_norm="full"``, the
+sampler wrapper that records ids (it runs during data loading) and, for ``vmap``, the
+anchor's own work.
 
-Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` of each run; on the CPU, the
-peak resident set size sampled at every batch end and epoch end of each run. Both are
-reported for the run with the callback and the one without.
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` of each run, for the run with the
+callback and the one without. On the CPU, the peak resident set size (``VmHWM``, reset
+after the data is loaded) of a fresh process per option that trains 30 steps, and of one
+more without the callback: the allocator hands large blocks back between steps, so a sample
+at batch end would miss a step's own peak. The table gives the peak and its excess over
+the process without the callback (single processes: about +-30 MiB of noise).
 
 Validation is switched off, as it is the same on both sides. Torch keeps its default
 number of threads. Prints a Markdown table and writes ``benchmarks/results/overhead.json``.
@@ -51,7 +61,10 @@ import json
 import logging
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -60,9 +73,11 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from readme_table import update_readme
+from torch.func import functional_call, grad, vmap
 
 from torchdebug import TrainingDynamics
 from torchdebug.data import NoisyImageDataModule
@@ -70,12 +85,18 @@ from torchdebug.models import ImageClassifier
 
 RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
 
-# Recording option -> TrainingDynamics arguments, and whether the Trainer has a logger.
-OPTIONS: dict[str, tuple[dict[str, bool], bool]] = {
-    "record": ({"tensorboard": False, "write_report": False}, False),
-    "report": ({"tensorboard": False}, False),
-    "default": ({}, True),
+_RECORD = {"tensorboard": False, "write_report": False}
+# Option -> TrainingDynamics arguments, whether the Trainer has a TensorBoardLogger, and
+# whether the torch.func anchor runs too.
+OPTIONS: dict[str, tuple[dict[str, Any], bool, bool]] = {
+    "logits": (_RECORD, False, False),
+    "last_layer": ({**_RECORD, "grad_norm": "last_layer"}, False, False),
+    "full": ({**_RECORD, "grad_norm": "full"}, False, False),
+    "vmap": (_RECORD, False, True),
+    "report": ({"tensorboard": False}, False, False),
+    "default": ({}, True, False),
 }
+PEAK_STEPS = 30
 
 
 class StepClock:
@@ -117,7 +138,8 @@ class _Closer(Callback):
 
 
 class TimedDynamics(TrainingDynamics):
-    """``TrainingDynamics`` that also sums the time spent in its own per-batch hooks."""
+    """``TrainingDynamics`` that also sums the time spent in its own per-batch hooks
+    (batch start and end, and after backward, where ``grad_norm="full"`` does its work)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -132,6 +154,38 @@ class TimedDynamics(TrainingDynamics):
         start = time.perf_counter()
         super().on_train_batch_end(*args)
         self.hook_seconds += time.perf_counter() - start
+
+    def on_after_backward(self, *args: Any) -> None:
+        start = time.perf_counter()
+        super().on_after_backward(*args)
+        self.hook_seconds += time.perf_counter() - start
+
+
+class VmapGradNorms(Callback):
+    """The anchor: per-sample gradients of every parameter with ``torch.func`` (its own
+    forward and backward, vectorised over the batch), reduced to their norms."""
+
+    def __init__(self) -> None:
+        self.norms: torch.Tensor | None = None
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        x, y = batch
+        net = pl_module.model
+        params = {n: p.detach() for n, p in net.named_parameters()}
+        buffers = dict(net.named_buffers())
+
+        def loss(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> Any:
+            logits = functional_call(net, (p, buffers), (xi.unsqueeze(0),))
+            return F.cross_entropy(logits, yi.unsqueeze(0))
+
+        net.eval()  # batch norm on its running statistics: vmap cannot update them
+        try:
+            grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+        finally:
+            net.train()
+        self.norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in grads.values()))
 
 
 def resident_bytes() -> int:
@@ -157,12 +211,14 @@ def run_once(
     L.seed_everything(seed, verbose=False)
     model = ImageClassifier("cnn", image_size=image_size)
     clock = StepClock()
-    kwargs, with_logger = OPTIONS[option]
+    kwargs, with_logger, anchor = OPTIONS[option]
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as root:
-        extra = [TimedDynamics(**kwargs)] if with_callback else []
+        extra: list[Callback] = [TimedDynamics(**kwargs)] if with_callback else []
+        if with_callback and anchor:
+            extra.append(VmapGradNorms())
         trainer = L.Trainer(
             max_epochs=epochs,
             max_steps=max_steps,
@@ -187,7 +243,7 @@ def run_once(
         "step_s": sum(clock.batch_seconds),
         "batch_median_s": statistics.median(clock.batch_seconds),
         "fit_s": fit_seconds,
-        "hook_s": extra[0].hook_seconds if extra else 0.0,
+        "hook_s": extra[0].hook_seconds if extra else 0.0,  # type: ignore[attr-defined]
         "batches": len(clock.batch_seconds),
         "peak_bytes": torch.cuda.max_memory_allocated() if cuda else clock.peak_rss,
     }
@@ -268,6 +324,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST idx files")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--readme", action="store_true", help="rewrite the README table")
+    parser.add_argument("--peak-of", choices=[*OPTIONS, "none"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -276,6 +333,20 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning vs newer torch
 
     datamodule, image_size = make_datamodule(args.data_dir, args.seed)
+    if args.peak_of:  # a fresh process measuring one option's peak resident set size
+        option = args.peak_of if args.peak_of != "none" else "logits"
+        reset_peak_resident()  # the data loading's peak is the same for every option
+        run_once(
+            datamodule,
+            image_size,
+            1,
+            args.seed,
+            option,
+            args.peak_of != "none",
+            max_steps=PEAK_STEPS,
+        )
+        print(json.dumps({"peak_bytes": peak_resident()}))
+        return
     dataset = datamodule.hparams.dataset
     samples = len(datamodule.train_dataset)
     print(f"{dataset}: {samples} samples, {args.epochs} epoch(s), {args.pairs} rounds")
@@ -289,20 +360,27 @@ def main() -> None:
             pairs.append(measure_pair(datamodule, image_size, args, option, callback_first))
             print(f"round {index} {option}: step ratio {pairs[-1]['step_ratio']:.3f}", flush=True)
 
+    summaries = {o: summarise([p for p in pairs if p["option"] == o]) for o in args.options}
+    if not torch.cuda.is_available():
+        alone = fresh_process_peak("none", args)
+        for option, summary in summaries.items():
+            summary["peak_bytes_with_max"] = fresh_process_peak(option, args)
+            summary["peak_bytes_without_max"] = alone
     result = {
         "options": {
             option: {
-                "callback": f"TrainingDynamics({_kwargs_text(OPTIONS[option][0])})",
+                "callback": f"TrainingDynamics({_kwargs_text(OPTIONS[option][0])})"
+                + (" + torch.func.vmap per-sample gradients" if OPTIONS[option][2] else ""),
                 "tensorboard_logger": OPTIONS[option][1],
-                **summarise([p for p in pairs if p["option"] == option]),
+                **summaries[option],
             }
             for option in args.options
         },
         "pairs": pairs,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "peak_memory": "torch.cuda.max_memory_allocated"
+        "peak_memory": "torch.cuda.max_memory_allocated, the largest over the pairs"
         if torch.cuda.is_available()
-        else "peak resident set size",
+        else f"peak resident set size of a fresh process training {PEAK_STEPS} steps",
         "dataset": dataset,
         "samples": samples,
         "epochs": args.epochs,
@@ -326,7 +404,29 @@ def main() -> None:
         update_readme("overhead", table + "\n")
 
 
-def _kwargs_text(kwargs: dict[str, bool]) -> str:
+def reset_peak_resident() -> None:
+    """Restarts this process's peak resident set size from its current size (Linux)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_resident() -> int:
+    """Peak resident set size since the last reset, in bytes (``VmHWM``; Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def fresh_process_peak(option: str, args: argparse.Namespace) -> int:
+    """Peak resident set size of a new Python process that trains ``option`` briefly."""
+    command = [sys.executable, __file__, "--peak-of", option, "--seed", str(args.seed)]
+    if args.data_dir:
+        command += ["--data-dir", args.data_dir]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return int(json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"])
+
+
+def _kwargs_text(kwargs: dict[str, Any]) -> str:
     return ", ".join(f"{key}={value}" for key, value in kwargs.items())
 
 
@@ -334,7 +434,7 @@ def markdown(result: dict[str, Any]) -> str:
     """One row per recording option (medians over its pairs), as Markdown."""
     lines = [
         "| option | callback | step ratio | batch-median ratio | hook share | fit ratio "
-        "| peak memory with | peak memory without |",
+        "| peak memory | over no callback |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for option, s in result["options"].items():
@@ -344,13 +444,13 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {s['batch_median_ratio_median']:.3f} | {100 * s['hook_share_median']:.1f}% "
             f"({s['hook_ms_per_batch_median']:.2f} ms) | {s['fit_ratio_median']:.3f} "
             f"| {s['peak_bytes_with_max'] / 2**20:.0f} MiB "
-            f"| {s['peak_bytes_without_max'] / 2**20:.0f} MiB |"
+            f"| {(s['peak_bytes_with_max'] - s['peak_bytes_without_max']) / 2**20:+.0f} MiB |"
         )
     lines += [
         "",
         f"Medians over {len(result['pairs']) // max(len(result['options']), 1)} pairs per "
-        f"option; peak memory is the {result['peak_memory']} ({result['device']}), the "
-        f"largest over the pairs. {result['dataset']}, {result['samples']} samples, "
+        f"option; peak memory is the {result['peak_memory']} ({result['device']}). "
+        f"{result['dataset']}, {result['samples']} samples, "
         f"{result['epochs']} epoch(s), batch {result['batch_size']}, torch threads "
         f"{result['torch_threads']} (interop {result['torch_interop_threads']}), "
         f"{result['cpu_count']} CPUs: `{result['command']}`.",

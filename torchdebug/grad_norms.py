@@ -141,12 +141,17 @@ def check_mode(mode: str) -> None:
 @dataclass
 class _Call:
     """One forward call of a tapped module: its first input, its output, and later the
-    gradient with respect to that output."""
+    gradient with respect to that output (put in ``caught`` by a hook on the output; the
+    hook holds only that list, as a hook holding the output would keep it alive)."""
 
-    module: nn.Module
+    module: nn.Module | None
     input: Tensor
     output: Tensor
-    grad: Tensor | None = None
+    caught: list[Tensor] = field(default_factory=list)
+
+    @property
+    def grad(self) -> Tensor | None:
+        return self.caught[0] if self.caught else None
 
 
 @dataclass
@@ -231,9 +236,9 @@ class LayerTaps:
     def watch(self, output: Tensor) -> None:
         """Also catch the gradient with respect to ``output`` (a candidate for the logits)."""
         if self._armed and self.mode == "full" and output.requires_grad:
-            call = _Call(nn.Identity(), output, output)
+            call = _Call(None, output, output)
             self._watched.append(call)
-            output.register_hook(_keeper(call))
+            output.register_hook(_keeper(call.caught))
 
     def output_grad(self, output: Tensor) -> Tensor | None:
         """The gradient caught for ``output`` (a layer's output or a watched tensor)."""
@@ -257,12 +262,10 @@ class LayerTaps:
     def last_layer_sq(self, logits: Tensor, logits_grad: Tensor) -> Tensor:
         """Squared norms over the final ``nn.Linear``, given the gradient of each sample's
         loss with respect to the logits."""
-        for layer in self._layers.values():
+        for module, layer in self._layers.items():
             for call in layer.calls:
-                if call.output is logits and isinstance(call.module, nn.Linear):
-                    if not layer.covered:
-                        break
-                    return _layer_sq(call.module, layer.covered, [call], logits_grad)
+                if call.output is logits and isinstance(module, nn.Linear) and layer.covered:
+                    return _layer_sq(module, layer.covered, [call], logits_grad)
         raise ValueError(
             "grad_norm 'last_layer' needs the logits to be the output of an nn.Linear with "
             "trainable parameters, called during the step; use 'full' or 'logits'."
@@ -271,11 +274,11 @@ class LayerTaps:
     def full_sq(self) -> Tensor:
         """Squared norms over every covered parameter, summed over layers; ``[batch]``."""
         total: Tensor | None = None
-        for layer in self._layers.values():
+        for module, layer in self._layers.items():
             calls = [c for c in layer.calls if c.grad is not None]
             if not calls or not layer.covered:
                 continue
-            part = _layer_sq(calls[0].module, layer.covered, calls)
+            part = _layer_sq(module, layer.covered, calls)
             total = part if total is None else total + part
         if total is None:
             raise ValueError(
@@ -345,12 +348,15 @@ class LayerTaps:
         call = _Call(module, args[0], output)
         self._layers[module].calls.append(call)
         if self.mode == "full" and output.requires_grad:
-            output.register_hook(_keeper(call))
+            output.register_hook(_keeper(call.caught))
 
 
-def _keeper(call: _Call) -> Callable[[Tensor], None]:
+def _keeper(caught: list[Tensor]) -> Callable[[Tensor], None]:
     def keep(grad: Tensor) -> None:
-        call.grad = grad.detach() if call.grad is None else call.grad + grad.detach()
+        if caught:  # a second backward through the same graph adds up
+            caught[0] = caught[0] + grad.detach()
+        else:
+            caught.append(grad.detach())
 
     return keep
 
@@ -378,14 +384,14 @@ def _layer_sq(
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
         return _norm_layer_sq(module, covered, inputs, grads)
     if isinstance(module, _CONV):
-        pairs = [_conv_patches(module, x, g) for x, g in zip(inputs, grads, strict=True)]
+        pairs = [_conv_columns(module, x, g) for x, g in zip(inputs, grads, strict=True)]
     else:
-        pairs = [_linear_rows(x, g) for x, g in zip(inputs, grads, strict=True)]
-    a = torch.cat([p[0] for p in pairs], dim=1)
-    g = torch.cat([p[1] for p in pairs], dim=1)
+        pairs = [_linear_columns(x, g) for x, g in zip(inputs, grads, strict=True)]
+    a = _cat_positions([p[0] for p in pairs])
+    g = _cat_positions([p[1] for p in pairs])
     total = _weight_sq(a, g) if "weight" in covered else g.new_zeros(g.shape[0])
     if "bias" in covered:
-        total = total + g.sum(dim=1).square().sum(dim=(1, 2))
+        total = total + g.sum(dim=3).square().sum(dim=(1, 2))
     return total
 
 
@@ -394,49 +400,51 @@ def _float(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _linear_rows(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """Input and output gradient of a Linear as ``[B, T, 1, d]`` and ``[B, T, 1, p]``."""
+def _cat_positions(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
+
+
+def _linear_columns(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Input and output gradient of a Linear as ``[B, 1, d, T]`` and ``[B, 1, p, T]``
+    (views: no copy)."""
     b = x.shape[0]
-    return (
-        _float(x.detach()).reshape(b, -1, 1, x.shape[-1]),
-        _float(g).reshape(b, -1, 1, g.shape[-1]),
-    )
+    a = _float(x.detach()).reshape(b, -1, x.shape[-1]).transpose(1, 2).unsqueeze(1)
+    return a, _float(g).reshape(b, -1, g.shape[-1]).transpose(1, 2).unsqueeze(1)
 
 
 def _weight_sq(a: Tensor, g: Tensor) -> Tensor:
-    """``sum_groups ||G_i^T A_i||^2`` for ``a [B, T, G, d]`` and ``g [B, T, G, p]``, by
+    """``sum_groups ||G_i A_i^T||^2`` for ``a [B, G, d, T]`` and ``g [B, G, p, T]``, by
     the cheapest exact route."""
     dtype = torch.promote_types(a.dtype, g.dtype)
     a, g = a.to(dtype), g.to(dtype)
-    t, d, p = a.shape[1], a.shape[3], g.shape[3]
+    d, p, t = a.shape[2], g.shape[2], a.shape[3]
     if t == 1:
-        return (a.square().sum(3) * g.square().sum(3)).sum(dim=(1, 2))
+        return (a.square().sum(2) * g.square().sum(2)).sum(dim=(1, 2))
     if t * (d + p) < d * p:  # Gram form: B G T^2 (d + p) against materialising: B G T d p
-        gram_a = torch.einsum("btgd,bsgd->bgts", a, a)
-        gram_g = torch.einsum("btgp,bsgp->bgts", g, g)
+        gram_a = a.transpose(2, 3) @ a
+        gram_g = g.transpose(2, 3) @ g
         return (gram_a * gram_g).sum(dim=(1, 2, 3))
-    return torch.einsum("btgp,btgd->bgpd", g, a).square().sum(dim=(1, 2, 3))
+    return (g @ a.transpose(2, 3)).square().sum(dim=(1, 2, 3))
 
 
-def _conv_patches(conv: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """Unfolded input patches ``[B, L, G, C_in/G * prod(k)]`` and output gradients
-    ``[B, L, G, C_out/G]`` of an N-d convolution (any stride, dilation, padding, groups)."""
+def _conv_columns(conv: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Input patches ``[B, G, C_in/G * prod(k), L]`` and output gradients
+    ``[B, G, C_out/G, L]`` of an N-d convolution (any stride, dilation, padding, groups)."""
     n = x.dim() - 2
+    b, groups = x.shape[0], conv.groups
     x = _float(x.detach())
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
     x = F.pad(x, list(conv._reversed_padding_repeated_twice), mode=mode)
-    for i in range(n):
+    for i in range(n):  # strided views; the one copy is the reshape below
         k, stride, dilation = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
         x = x.unfold(2 + i, dilation * (k - 1) + 1, stride)
         if dilation > 1:
             x = x[..., ::dilation]
-    b, c = x.shape[:2]
-    positions = math.prod(x.shape[2 : 2 + n])
-    order = [0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n)]
-    groups = conv.groups
-    patches = x.permute(order).reshape(b, positions, groups, -1)
-    grad = _float(g).reshape(b, g.shape[1], -1).transpose(1, 2).reshape(b, positions, groups, -1)
-    return patches, grad
+    order = [0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n)]
+    patches = x.permute(order).reshape(b, -1, math.prod(x.shape[2 : 2 + n]))
+    positions = patches.shape[-1]
+    grad = _float(g).reshape(b, groups, -1, positions)
+    return patches.reshape(b, groups, -1, positions), grad
 
 
 def _embedding_sq(module: nn.Embedding, inputs: list[Tensor], grads: list[Tensor]) -> Tensor:
