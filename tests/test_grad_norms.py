@@ -156,9 +156,12 @@ def test_logits_mode_is_the_cross_entropy_gradient_norm() -> None:
     assert_close(per_sample_grad_norms(model, F.cross_entropy, x, y), want)
 
 
+@pytest.mark.parametrize("case", list(cases()))
 @pytest.mark.parametrize("mode", ["logits", "last_layer", "full"])
-def test_same_sample_same_norm_at_batch_sizes_1_and_4_and_any_reduction(mode: str) -> None:
-    model, x, y = cases()["tokens_gram"]
+def test_same_sample_same_norm_at_batch_sizes_1_and_4_and_any_reduction(
+    case: str, mode: str
+) -> None:
+    model, x, y = cases()[case]
     alone = per_sample_grad_norms(model, F.cross_entropy, x[:1], y[:1], mode=mode)
     summed = nn.CrossEntropyLoss(reduction="sum")
     in_batch = per_sample_grad_norms(model, summed, x[:4], y[:4], mode=mode)
