@@ -78,6 +78,18 @@ class Reused(nn.Module):
         return self.head(self.inner(torch.tanh(self.inner(x))))
 
 
+class Attention(nn.Module):
+    """Self-attention whose projections nn.MultiheadAttention uses without calling them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
 def tokens(batch: int, length: int, vocab: int = 30) -> Tensor:
     t = torch.randint(1, vocab, (batch, length))
     t[:, -2:] = 0  # padding
@@ -218,15 +230,6 @@ def test_shared_weights_are_excluded() -> None:
 
 
 def test_weights_used_functionally_by_a_parent_are_excluded() -> None:
-    class Attention(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-            self.head = nn.Linear(8, 3)
-
-        def forward(self, x: Tensor) -> Tensor:
-            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
-
     torch.manual_seed(2)
     model, x, y = Attention(), torch.randn(4, 5, 8), torch.randint(0, 3, (4,))
     taps = LayerTaps(model, "full")
@@ -380,6 +383,44 @@ def test_parameter_modes_refuse_torch_compile_and_logits_runs_compiled(tmp_path:
         fit(tmp_path / "full", torch.compile(Net()), "full")  # type: ignore[arg-type]
     compiled = fit(tmp_path / "logits", torch.compile(Net()), "logits")  # type: ignore[arg-type]
     assert recorded(compiled).gt(0).all()
+
+
+class AttentionNet(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.net = Attention()
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_callback_finds_weights_used_without_a_module_call(tmp_path: Path) -> None:
+    torch.manual_seed(6)
+    x, y = torch.randn(16, 5, 8), torch.randint(0, 3, (16,))
+    module = AttentionNet()
+    callback = TrainingDynamics(grad_norm="full", tensorboard=False, num_samples=16)
+    trainer = L.Trainer(
+        max_epochs=1,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[callback],
+    )
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
+    meta = load_report(tmp_path).attrs["torchdebug"]
+    assert {"net.attn.in_proj_weight", "net.attn.out_proj.weight"} <= set(
+        meta["grad_norm_excluded"]
+    )
+    assert meta["grad_norm_coverage"] == pytest.approx(27 / (8 * 24 + 24 + 64 + 8 + 27))
+    report = callback.report().sort_values("sample_id")
+    got = torch.tensor(report["grad_norm_mean"].to_numpy(), dtype=torch.float32)
+    assert_close(got, reference_norms(module.net, x, y, lambda n: n.startswith("head.")))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

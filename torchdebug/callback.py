@@ -592,11 +592,11 @@ class TrainingDynamics(Callback):
             )
 
     def _grad_norm_metadata(self) -> dict[str, Any]:
-        taps = self._taps
+        full = self._taps if self._taps is not None and self._taps.mode == "full" else None
         return {
             "grad_norm": self.grad_norm,
-            "grad_norm_coverage": taps.coverage if taps is not None else None,
-            "grad_norm_excluded": dict(taps.excluded) if taps is not None else {},
+            "grad_norm_coverage": full.coverage if full is not None else None,
+            "grad_norm_excluded": dict(full.excluded) if full is not None else {},
         }
 
     def _sample_display(self, trainer: pl.Trainer) -> dict[str, Any]:

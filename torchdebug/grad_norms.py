@@ -190,6 +190,7 @@ class LayerTaps:
         self._armed = False
         self._watched: list[_Call] = []
         self._kept: list[_Call] = []
+        self._checked = False
         self.raw_sq: Tensor | None = None
         self._layers: dict[nn.Module, _Layer] = {}
         self.excluded: dict[str, str] = {}
@@ -255,6 +256,11 @@ class LayerTaps:
         calls = [c for layer in self._layers.values() for c in layer.calls] + self._watched
         if not any(c.grad is not None for c in calls):
             return  # no backward yet (or none reached the tapped layers)
+        if not self._checked:  # once: weights a parent uses without calling their module
+            self._checked = True
+            self.check_functional_use(
+                p for m in self._layers for p in m.parameters(recurse=False) if p.grad is not None
+            )
         self.raw_sq = self.full_sq()
         self._kept = [c for c in calls if c.grad is not None and c.output.dim() == 2]
         self._drop_activations()
