@@ -201,7 +201,8 @@ def test_batch_norm_is_excluded_and_reported_or_refused_when_strict() -> None:
         LayerTaps(model, "full", strict=True)
     model.eval()  # a fixed affine map: the other layers' norms are per-sample exact
     x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
-    got = per_sample_grad_norms(model, F.cross_entropy, x, y, mode="full")
+    with pytest.warns(UserWarning, match=r"covers 82\.4% .*1\.weight"):
+        got = per_sample_grad_norms(model, F.cross_entropy, x, y, mode="full")
     assert_close(got, reference_norms(model, x, y, lambda n: not n.startswith("1.")))
 
 
@@ -221,12 +222,15 @@ def test_shared_weights_are_excluded() -> None:
     taps = LayerTaps(model, "full")
     assert set(taps.excluded) == {"embed.weight", "out.weight"}
     x, y = torch.randint(0, 10, (5, 3)), torch.randint(0, 10, (5,))
-    got = per_sample_grad_norms(model, F.cross_entropy, x, y, mode="full")
+    with pytest.warns(UserWarning, match="embed.weight .shared with another module."):
+        got = per_sample_grad_norms(model, F.cross_entropy, x, y, mode="full")
     assert_close(
         got, reference_norms(model, x, y, lambda n: n in {"mix.weight", "mix.bias", "out.bias"})
     )
     with pytest.raises(ValueError, match="embed.weight.*shared"):
         per_sample_grad_norms(model, F.cross_entropy, x, y, mode="full", strict=True)
+    with pytest.raises(ValueError, match="tied weights"):  # the head's weight has other terms
+        per_sample_grad_norms(model, F.cross_entropy, x, y, mode="last_layer")
 
 
 def test_weights_used_functionally_by_a_parent_are_excluded() -> None:
@@ -234,7 +238,8 @@ def test_weights_used_functionally_by_a_parent_are_excluded() -> None:
     model, x, y = Attention(), torch.randn(4, 5, 8), torch.randint(0, 3, (4,))
     taps = LayerTaps(model, "full")
     assert "attn.in_proj_weight" in taps.excluded
-    got = per_sample_grad_norms(model, F.cross_entropy, x, y, mode="full")
+    with pytest.warns(UserWarning, match="attn.out_proj.weight .its parent uses the weights"):
+        got = per_sample_grad_norms(model, F.cross_entropy, x, y, mode="full")
     assert_close(got, reference_norms(model, x, y, lambda n: n.startswith("head.")))
 
 
@@ -242,6 +247,8 @@ def test_bad_mode_and_last_layer_without_a_linear_output() -> None:
     model, x, y = cases()["mlp"]
     with pytest.raises(ValueError, match="one of"):
         per_sample_grad_norms(model, F.cross_entropy, x, y, mode="params")  # type: ignore[arg-type]
+    with torch.no_grad(), pytest.raises(RuntimeError, match="outside torch.no_grad"):
+        per_sample_grad_norms(model, F.cross_entropy, x, y)
     scaled = nn.Sequential(model, nn.Softplus())  # logits are not a Linear's output
     with pytest.raises(ValueError, match="output of an nn.Linear"):
         per_sample_grad_norms(scaled, F.cross_entropy, x, y, mode="last_layer")
@@ -271,6 +278,7 @@ class Net(L.LightningModule):
         weighted: bool = False,
         manual_amp: bool = False,
         logit_penalty: float = 0.0,
+        smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         torch.manual_seed(4)
@@ -284,7 +292,7 @@ class Net(L.LightningModule):
             nn.Linear(16, 3),
         )
         self.reduction, self.loss_scale, self.weighted = reduction, loss_scale, weighted
-        self.logit_penalty = logit_penalty
+        self.logit_penalty, self.smoothing = logit_penalty, smoothing
         self.automatic_optimization = not manual_amp
         self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if manual_amp else None
 
@@ -294,7 +302,7 @@ class Net(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
         logits = self(x)
-        losses = F.cross_entropy(logits, y, reduction="none")
+        losses = F.cross_entropy(logits, y, reduction="none", label_smoothing=self.smoothing)
         losses = losses + self.logit_penalty * logits.square().sum(1)
         if self.weighted:
             losses = losses * (0.2 + (y.float() + 1) / 4)
@@ -370,8 +378,9 @@ def test_callback_last_layer_and_frozen_layers(tmp_path: Path) -> None:
 
 
 def test_callback_warns_when_the_loss_is_not_cross_entropy(tmp_path: Path) -> None:
-    with pytest.warns(UserWarning, match="not a multiple of the cross-entropy gradient"):
-        fit(tmp_path, Net(logit_penalty=0.5), "full")
+    for i, net in enumerate([Net(logit_penalty=0.5), Net(smoothing=0.1)]):
+        with pytest.warns(UserWarning, match="not a multiple of the cross-entropy gradient"):
+            fit(tmp_path / str(i), net, "full")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", message=".*(num_workers|LeafSpec|log_every).*")

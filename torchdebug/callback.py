@@ -51,6 +51,7 @@ _INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values")
 # the cost assumed for a review before one has been timed (seconds).
 _REVIEW_BUDGET = 0.03
 _FIRST_REVIEW_SECONDS = 0.3
+_HALF = (torch.float16, torch.bfloat16)
 # Epochs recorded before an action starts (chosen on benchmarks/robust_training.py).
 DEFAULT_WARMUP_EPOCHS = 5
 
@@ -568,12 +569,14 @@ class TrainingDynamics(Callback):
                 "logits must be the output of a module called in training_step, and the "
                 "step's backward must run on a loss of them. Use grad_norm='last_layer'."
             )
+        # cos^2 below 1 - 1e-4 (float32) or 1 - 2e-2 (half-precision gradients) is trouble.
+        tolerance = 2e-2 if grad.dtype in _HALF else 1e-4
         grad = grad.float()
         dd, gd, gg = d.square().sum(1), (grad * d).sum(1), grad.square().sum(1)
         scale = gd / dd.clamp_min(torch.finfo(torch.float32).tiny)
         norms = torch.where(scale != 0, taps.raw_sq.sqrt() / scale.abs(), 0.0)
         # Rows whose gradient is not parallel to cross-entropy's, or that got none.
-        trouble = ((gd.square() < 0.98 * gg * dd) & (gg > 0)) | ((gg == 0) & (dd > 0))
+        trouble = ((gd.square() < (1 - tolerance) * gg * dd) & (gg > 0)) | ((gg == 0) & (dd > 0))
         count = trouble.sum()
         self._grad_trouble = count if self._grad_trouble is None else self._grad_trouble + count
         return norms
@@ -584,11 +587,12 @@ class TrainingDynamics(Callback):
         count, self._grad_trouble = int(self._grad_trouble), None
         if count:
             rank_zero_warn(
-                f"grad_norm='full': in {count} rows this epoch the training loss's gradient "
-                "was not a multiple of the cross-entropy gradient of the given label (label "
-                "smoothing, another loss, extra terms, or a weight of zero), so their norms "
-                "are approximate (zero where no gradient came). Use grad_norm='last_layer', "
-                "which needs no backward, for exact cross-entropy norms."
+                f"grad_norm='full': in {count} rows this epoch the training loss's gradient at "
+                "the logits was not a multiple of the cross-entropy gradient of the given "
+                "label (label smoothing, another loss, extra terms on the logits, or a "
+                "weight of zero), so their norms are approximate (zero where no gradient "
+                "came). Use grad_norm='last_layer', which needs no backward, for exact "
+                "cross-entropy norms."
             )
 
     def _grad_norm_metadata(self) -> dict[str, Any]:

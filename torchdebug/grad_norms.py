@@ -28,6 +28,7 @@ norm.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -95,10 +96,15 @@ def per_sample_grad_norms(
         torch.Size([5])
     """
     check_mode(mode)
+    if not torch.is_grad_enabled():
+        raise RuntimeError(
+            "per_sample_grad_norms needs autograd: call it outside torch.no_grad() / "
+            "torch.inference_mode()."
+        )
     if mode == "logits":
         logits = model(inputs)
         (grad,) = torch.autograd.grad(per_sample_losses(loss_fn, logits, targets).sum(), logits)
-        return grad.detach().float().flatten(1).norm(dim=1)
+        return _float(grad.detach()).flatten(1).norm(dim=1)
     taps = LayerTaps(model, mode, strict=strict)
     with taps.recording():
         logits = model(inputs)
@@ -109,7 +115,20 @@ def per_sample_grad_norms(
         params = [p for p in model.parameters() if p.requires_grad]
         grads = torch.autograd.grad(total, params, allow_unused=True)
         taps.check_functional_use(p for p, g in zip(params, grads, strict=True) if g is not None)
+        if taps.excluded:
+            warnings.warn(
+                f"per_sample_grad_norms(mode='full') covers {taps.coverage:.1%} of the "
+                f"trainable parameters; left out: {_listing(taps.excluded)}. Pass strict=True "
+                "to refuse instead.",
+                stacklevel=2,
+            )
         return taps.full_sq().sqrt()
+
+
+def _listing(excluded: dict[str, str], limit: int = 6) -> str:
+    names = list(excluded)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(f"{n} ({excluded[n]})" for n in names[:limit]) + more
 
 
 def per_sample_losses(
@@ -160,6 +179,7 @@ class _Layer:
 
     name: str
     covered: tuple[str, ...]
+    shared: list[str] = field(default_factory=list)  # tied with another module's
     calls: list[_Call] = field(default_factory=list)
 
 
@@ -178,7 +198,9 @@ class LayerTaps:
 
     Attributes:
         coverage: Fraction of the trainable parameters (by count) inside the norm.
-        excluded: Names of trainable parameters left out, with the reason.
+        excluded: Names of trainable parameters left out, with the reason. Both are
+            final after the first backward pass: weights that a parent module uses without
+            calling their module (``nn.MultiheadAttention``'s ``out_proj``) are found then.
     """
 
     def __init__(self, model: nn.Module, mode: GradNormMode, strict: bool = False) -> None:
@@ -271,10 +293,17 @@ class LayerTaps:
         for module, layer in self._layers.items():
             for call in layer.calls:
                 if call.output is logits and isinstance(module, nn.Linear) and layer.covered:
+                    if layer.shared:
+                        raise ValueError(
+                            f"grad_norm 'last_layer': the final layer's {layer.shared} is "
+                            "shared with another module (tied weights), so its per-sample "
+                            "gradient has terms from elsewhere. Use 'full', which leaves "
+                            "shared weights out, or 'logits'."
+                        )
                     return _layer_sq(module, layer.covered, [call], logits_grad)
         raise ValueError(
             "grad_norm 'last_layer' needs the logits to be the output of an nn.Linear with "
-            "trainable parameters, called during the step; use 'full' or 'logits'."
+            "trainable parameters, called in the forward pass; use 'full' or 'logits'."
         )
 
     def full_sq(self) -> Tensor:
@@ -317,12 +346,12 @@ class LayerTaps:
                 continue
             prefix = f"{name}." if name else ""
             self._numel.update({prefix + n: p.numel() for n, p in own})
+            shared = [n for n, p in own if owners[id(p)] > 1]
             if self.mode == "last_layer":
                 if isinstance(module, nn.Linear):
-                    self._layers[module] = _Layer(name, tuple(n for n, _ in own))
+                    self._layers[module] = _Layer(name, tuple(n for n, _ in own), shared)
                 continue
             reason = _unsupported_reason(module)
-            shared = [n for n, p in own if owners[id(p)] > 1]
             covered = tuple(n for n, _ in own if reason is None and n not in shared)
             if reason is not None:
                 self._note(module, [prefix + n for n, _ in own], reason)
