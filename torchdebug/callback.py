@@ -300,7 +300,8 @@ class TrainingDynamics(Callback):
         explicit = outputs.get("logits") if isinstance(outputs, Mapping) else None
         captured = self._capture.disarm(needed=not isinstance(explicit, Tensor))
         # The sampler's queue advances for every batch, recorded or not, to stay aligned.
-        sampled_ids = self._sampler.pending.popleft() if self._sampler_has_pending() else None
+        taken = self._sampler.take() if self._sampler is not None else None
+        sampled_ids, padded = taken if taken is not None else (None, None)
         if _skipped(pl_module, outputs):
             return
 
@@ -314,18 +315,26 @@ class TrainingDynamics(Callback):
             self._check_dropped(ids, sampled_ids)
         recorder = self._ensure_recorder(trainer, logits)
         grad_norm = self._parameter_grad_norms(logits, targets) if self._taps else None
-        recorder.update(ids, logits, targets, grad_norm=grad_norm)
+        # Padding repeats of a DistributedSampler count once: where the sampler's ids are.
+        keep = None
+        if padded is not None and any(padded) and sampled_ids is not None:
+            if torch.equal(ids.cpu(), torch.tensor(sampled_ids)):
+                keep = ~torch.tensor(padded)
+        recorder.update(ids, logits, targets, grad_norm=grad_norm, keep=keep)
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._taps is not None:
             self._taps.finish_backward()  # the norms now, so the activations can go
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        distributed = trainer.world_size > 1 and dist.is_initialized()
+        if distributed:
+            self._join_ranks(trainer)
         if self.recorder is None:
             return
         self._epoch_seconds = time.perf_counter() - self._epoch_started
         self._warn_grad_trouble()
-        reduce_fn = _all_reduce if trainer.world_size > 1 and dist.is_initialized() else None
+        reduce_fn = _all_reduce if distributed else None
         # Trajectories serve only the TensorBoard views, which rank zero writes.
         tracks = self.tensorboard and trainer.is_global_zero
         read = self.recorder.running_confidence
@@ -348,6 +357,16 @@ class TrainingDynamics(Callback):
                 if not trainer.is_global_zero:
                     policy.load_state_dict(state)
             self._warn_if_weights_unused()
+
+    def _join_ranks(self, trainer: pl.Trainer) -> None:
+        """Every rank takes part in the epoch-end reduction, even one that recorded nothing
+        yet: the ranks agree on the number of classes (one small collective), and a rank
+        without a recorder makes an empty one. If no rank recorded anything, none reduces."""
+        mine = self.recorder.num_classes if self.recorder is not None else None
+        device = trainer.strategy.root_device
+        agreed = int(_all_reduce(torch.tensor([mine or 0], device=device), "max")[0])
+        if agreed and self.recorder is None:
+            self.recorder = self._new_recorder(trainer, agreed, device)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The last epoch always gets the review views and the projector.
@@ -483,7 +502,7 @@ class TrainingDynamics(Callback):
                     "(one changed line in training_step) or a map-style dataset."
                 )
             return
-        sampled = self._sampler.pending[0] if self._sampler_has_pending() else None
+        sampled = self._sampler.peek() if self._sampler is not None else None
         try:
             ids = self._ids(None, batch, sampled, rows=None)
         except (RuntimeError, TypeError) as err:
@@ -625,8 +644,14 @@ class TrainingDynamics(Callback):
         return functools.partial(_lookup_input, dataset)
 
     def _ensure_recorder(self, trainer: pl.Trainer, logits: Tensor) -> DynamicsRecorder:
-        if self.recorder is not None:
-            return self.recorder
+        if self.recorder is None:
+            self.recorder = self._new_recorder(trainer, logits.shape[1], logits.device)
+        return self.recorder
+
+    def _new_recorder(
+        self, trainer: pl.Trainer, num_classes: int, device: torch.device
+    ) -> DynamicsRecorder:
+        """A recorder for the train set, holding the checkpoint's state on a resume."""
         num_samples = self.num_samples or _train_dataset_size(trainer)
         if num_samples is None:
             raise ValueError(
@@ -638,11 +663,10 @@ class TrainingDynamics(Callback):
                 f"noise_mask has {len(self.noise_mask)} entries but the training set has "
                 f"{num_samples} sample ids; pass one boolean per sample id."
             )
-        recorder = DynamicsRecorder(num_samples, logits.shape[1], device=logits.device)
+        recorder = DynamicsRecorder(num_samples, num_classes, device=device)
         if self._pending_state is not None:
             recorder.load_state_dict(self._pending_state)
             self._pending_state = None
-        self.recorder = recorder
         return recorder
 
     def _targets(self, outputs: Any, batch: Any) -> Tensor:
@@ -687,9 +711,6 @@ class TrainingDynamics(Callback):
             "not draw. Put an 'index' entry in each batch or pass get_ids= to "
             "TrainingDynamics."
         )
-
-    def _sampler_has_pending(self) -> bool:
-        return self._sampler is not None and bool(self._sampler.pending)
 
     def _hook_dataloader_setup(self, trainer: pl.Trainer) -> None:
         """Wraps the train loader's batch sampler each time Lightning builds the loader.

@@ -171,6 +171,7 @@ class DynamicsRecorder:
         targets: Tensor,
         loss: Tensor | None = None,
         grad_norm: Tensor | None = None,
+        keep: Tensor | None = None,
     ) -> None:
         """Adds one training batch to the running epoch.
 
@@ -181,6 +182,8 @@ class DynamicsRecorder:
             loss: Optional ``[batch]`` per-sample losses replacing the cross-entropy.
             grad_norm: Optional ``[batch]`` per-sample gradient norms replacing the norm of
                 the cross-entropy gradient with respect to the logits.
+            keep: Optional ``[batch]`` booleans; rows where it is False are not recorded
+                (e.g. the padding repeats of a ``DistributedSampler``).
 
         Raises:
             ValueError: If shapes disagree or the logits are not ``[batch, classes]``.
@@ -201,6 +204,8 @@ class DynamicsRecorder:
 
         # Rows that must not touch real samples go to the spare slot at index num_samples.
         spare = torch.full_like(ids, self.num_samples)
+        if keep is not None:
+            valid_id = valid_id & keep.to(self.device, non_blocking=True)
         slot = torch.where(valid_id & valid_label & finite, ids, spare)
         safe_targets = targets.clamp(0, self.num_classes - 1)
         stats = presentation_stats(torch.nan_to_num(logits.float()), safe_targets)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 __all__ = ["RecordingBatchSampler", "as_id_tensor", "record_indices"]
 
@@ -33,6 +33,11 @@ class RecordingBatchSampler:
     takes the last kept sample of the pass instead (or the first kept sample id, at the
     start of a pass).
 
+    A ``DistributedSampler`` without ``drop_last`` pads every rank to the same length by
+    repeating samples from the start of the shuffled order; the wrapper marks those
+    repeats (from each index's position in the pass), so that a sample counts once per
+    epoch however the padding fell.
+
     Args:
         batch_sampler: The DataLoader's batch sampler.
         dropped: Returns a boolean mask over sample ids of those to leave out, or ``None``
@@ -47,26 +52,41 @@ class RecordingBatchSampler:
     ) -> None:
         self.batch_sampler = batch_sampler
         self.dropped = dropped
-        self.pending: deque[list[int]] = deque()
+        # Per batch yielded and not yet taken: its indices, and which are padding repeats.
+        self.pending: deque[tuple[list[int], list[bool]]] = deque()
+
+    def take(self) -> tuple[list[int], list[bool]] | None:
+        """The oldest batch's indices and padding marks, removed from the queue."""
+        return self.pending.popleft() if self.pending else None
+
+    def peek(self) -> list[int] | None:
+        """The oldest batch's indices, left in the queue."""
+        return self.pending[0][0] if self.pending else None
 
     def __iter__(self) -> Iterator[list[int]]:
         # A new pass over the data abandons whatever the previous pass left undelivered.
         self.pending.clear()
         mask = self.dropped() if self.dropped is not None else None
+        first_padding = _first_padding_position(getattr(self.batch_sampler, "sampler", None))
+        position = 0
         last_kept: int | None = None
         for indices in self.batch_sampler:
+            padded = [position + j >= first_padding for j in range(len(indices))]
+            position += len(indices)
             if mask is not None:
                 drawn = np.asarray(indices, dtype=np.int64)
-                kept = drawn[~mask[drawn]]
+                keep = ~mask[drawn]
+                kept = drawn[keep]
                 if kept.size < drawn.size:
+                    padded = [p for p, k in zip(padded, keep.tolist(), strict=True) if k]
                     if kept.size == 0:
                         fallback = last_kept
                         if fallback is None:
                             fallback = int(np.flatnonzero(~mask)[0])
-                        kept = np.array([fallback])
+                        kept, padded = np.array([fallback]), [False]
                     indices = kept.tolist()
                 last_kept = int(kept[-1])
-            self.pending.append(list(indices))
+            self.pending.append((list(indices), padded))
             yield indices
 
     def __len__(self) -> int:
@@ -76,6 +96,20 @@ class RecordingBatchSampler:
         if name == "batch_sampler":  # not yet set, during unpickling
             raise AttributeError(name)
         return getattr(self.batch_sampler, name)
+
+
+def _first_padding_position(sampler: Any) -> float:
+    """Local position from which a ``DistributedSampler``'s indices are padding repeats.
+
+    Rank ``r`` of ``R`` takes the positions ``r, r + R, r + 2R, ...`` of a list padded from
+    ``n`` to ``ceil(n / R) * R`` entries, so its ``j``-th index is padding when
+    ``r + j * R >= n``. Lightning's wrapper around a user's sampler is a subclass.
+    """
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return float("inf")
+    n = len(sampler.dataset)  # type: ignore[arg-type]
+    rank, replicas = sampler.rank, sampler.num_replicas
+    return max(0, -(-(n - rank) // replicas))  # the smallest j with rank + j * R >= n
 
 
 def record_indices(
