@@ -9,7 +9,7 @@ from torchdebug.actions import sample_weights, weighted_loss
 from torchdebug.callback import TrainingDynamics
 from torchdebug.grad_norms import per_sample_grad_norms
 from torchdebug.recorder import DynamicsRecorder, SampleError
-from torchdebug.report import load_report
+from torchdebug.report import load_history, load_report
 from torchdebug.scores import REPORT_COLUMNS
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "DynamicsRecorder",
     "SampleError",
     "TrainingDynamics",
+    "load_history",
     "load_report",
     "per_sample_grad_norms",
     "sample_weights",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch.utils.data import IterableDataset
 from torchdebug.actions import Action, ActionPolicy
 from torchdebug.grad_norms import GradNormMode, LayerTaps, ce_logits_grad, check_mode
 from torchdebug.recorder import DynamicsRecorder
-from torchdebug.report import REPORT_DIRNAME, REPORT_FILENAME, write_report
+from torchdebug.report import HISTORY_DIRNAME, REPORT_DIRNAME, REPORT_FILENAME, write_report
 from torchdebug.review import (
     ConfidenceHistory,
     ToImage,
@@ -34,7 +35,7 @@ from torchdebug.review import (
     log_projector,
     log_review,
 )
-from torchdebug.sampling import RecordingBatchSampler, as_id_tensor, record_indices
+from torchdebug.sampling import IdQueue, as_id_tensor, record_indices
 from torchdebug.scores import Aggregates, build_report
 from torchdebug.tensorboard import log_actions, log_epoch
 
@@ -90,7 +91,9 @@ class TrainingDynamics(Callback):
         num_samples: Number of distinct ids; defaults to the train dataset's length.
         tensorboard: Log the TensorBoard views when a ``TensorBoardLogger`` is attached.
         write_report: Write the Parquet report at every epoch end.
-        name: Distinguishes two instances in one Trainer (their checkpoint state keys).
+        name: Distinguishes two instances in one Trainer: it keys the checkpoint state, and
+            a named instance writes ``torchdebug/<name>/samples.parquet`` and TensorBoard
+            tags under ``torchdebug/<name>/``.
         top_k: Samples shown per image grid, table and trajectory plot.
         class_names: Class names shown instead of label indices.
         get_input: ``get_input(sample_id)`` returning a sample's input, for the image
@@ -139,6 +142,14 @@ class TrainingDynamics(Callback):
         grad_norm_strict: With ``grad_norm="full"``, raise at the start of training when
             a trainable parameter cannot be covered, instead of leaving it out (the covered
             fraction is in the report metadata).
+        epochs: Record only these training epochs: ``N`` for the first ``N``, or
+            ``(start, stop)`` for ``start <= epoch < stop``; ``None`` records all. Late in
+            training the network memorises flipped labels and every sample's probability
+            saturates; scores from the early epochs keep them apart. Outside the window
+            the report and any action keep the last recorded epoch's decisions.
+        history: Also write each recorded epoch's own per-sample numbers to
+            ``torchdebug/history/epoch_NNNN.parquet`` (atomically, from the host; nothing
+            stays on the device); read them back with :func:`torchdebug.load_history`.
 
     Raises:
         ValueError: At construction, for a bad option.
@@ -172,8 +183,12 @@ class TrainingDynamics(Callback):
         dry_run: bool = False,
         grad_norm: GradNormMode = "logits",
         grad_norm_strict: bool = False,
+        epochs: int | tuple[int, int] | None = None,
+        history: bool = False,
     ) -> None:
         check_mode(grad_norm)
+        self.epochs = _epoch_window(epochs)
+        self.history_on_disk = history
         if num_samples is not None and num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}.")
         for option, value in (
@@ -184,6 +199,8 @@ class TrainingDynamics(Callback):
         ):
             if value is not None and value < 1:
                 raise ValueError(f"{option} must be at least 1, got {value}.")
+        if name and not re.fullmatch(r"[\w.-]+", name):
+            raise ValueError(f"name must be letters, digits, '_', '-' or '.', got {name!r}.")
         if logits_module is not None and not logits_module.strip():
             raise ValueError("logits_module must name a submodule, e.g. 'model.head'.")
         self.logits_module = logits_module
@@ -197,7 +214,8 @@ class TrainingDynamics(Callback):
         self.report_path: Path | None = None
         self._pending_state: dict[str, Any] | None = None
         self._capture = _LogitsCapture()
-        self._sampler: RecordingBatchSampler | None = None
+        self._ids_queue = IdQueue(self._dropped)
+        self._sampler: IdQueue | None = None  # the queue, once a loader feeds it
         self._sampler_error: Exception | None = None
         self._fit_loop: Any = None
         self._log_dir: Path | None = None
@@ -237,7 +255,13 @@ class TrainingDynamics(Callback):
         self.grad_norm = grad_norm
         self.grad_norm_strict = grad_norm_strict
         self._taps: LayerTaps | None = None
+        self._trainer: pl.Trainer | None = None
         self._grad_trouble: Tensor | None = None  # rows whose loss was not cross-entropy's
+
+    @property
+    def _prefix(self) -> str:
+        """Where this instance's TensorBoard tags live."""
+        return f"{REPORT_DIRNAME}/{self.name}" if self.name else REPORT_DIRNAME
 
     @property
     def state_key(self) -> str:
@@ -275,9 +299,22 @@ class TrainingDynamics(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Trainer.log_dir is a collective under DDP: every rank asks, here, once.
         self._log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        self._trainer = trainer
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_started = time.perf_counter()
+        recorder = self.recorder
+        if recorder is not None and self.num_samples is None:
+            size = _train_dataset_size(trainer)
+            if size is not None and size != recorder.num_samples:
+                raise ValueError(
+                    f"The training set has {size} samples this epoch but had "
+                    f"{recorder.num_samples} when torchdebug started recording: sample ids "
+                    "would no longer mean the same samples. Keep the training set's length "
+                    "fixed (reload_dataloaders_every_n_epochs may rebuild it), or pass "
+                    "TrainingDynamics(num_samples=...) covering every id with stable ids "
+                    "(get_ids=)."
+                )
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -302,7 +339,7 @@ class TrainingDynamics(Callback):
         # The sampler's queue advances for every batch, recorded or not, to stay aligned.
         taken = self._sampler.take() if self._sampler is not None else None
         sampled_ids, padded = taken if taken is not None else (None, None)
-        if _skipped(pl_module, outputs):
+        if _skipped(pl_module, outputs) or not self._in_window(trainer):
             return
 
         logits = explicit if isinstance(explicit, Tensor) else captured
@@ -327,6 +364,8 @@ class TrainingDynamics(Callback):
             self._taps.finish_backward()  # the norms now, so the activations can go
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._in_window(trainer):
+            return  # every rank skips the same epochs
         distributed = trainer.world_size > 1 and dist.is_initialized()
         if distributed:
             self._join_ranks(trainer)
@@ -341,9 +380,11 @@ class TrainingDynamics(Callback):
         if tracks:
             self.history.before_epoch_end(read)
         folded = False
+        write_history = self.history_on_disk and trainer.is_global_zero
         try:
-            self.recorder.end_epoch(reduce_fn)
+            self.recorder.end_epoch(reduce_fn, self._write_history if write_history else None)
             folded = True
+            self._warn_repeats(trainer)
             if tracks:
                 self.history.after_epoch_end(read, self.recorder.epochs_recorded - 1)
         finally:
@@ -357,6 +398,34 @@ class TrainingDynamics(Callback):
                 if not trainer.is_global_zero:
                     policy.load_state_dict(state)
             self._warn_if_weights_unused()
+
+    def _in_window(self, trainer: pl.Trainer) -> bool:
+        start, stop = self.epochs
+        return start <= trainer.current_epoch < stop
+
+    def _report_dir(self, trainer: pl.Trainer) -> Path:
+        log_dir = self._log_dir or Path(trainer.default_root_dir)
+        return log_dir / REPORT_DIRNAME / self.name
+
+    def _write_history(self, table: pd.DataFrame) -> None:
+        epoch = int(table["epoch"].iloc[0]) if len(table) else -1
+        if self._trainer is None or epoch < 0:
+            return
+        path = self._report_dir(self._trainer) / HISTORY_DIRNAME / f"epoch_{epoch:04d}.parquet"
+        write_report(table, path, epoch=epoch)
+
+    def _warn_repeats(self, trainer: pl.Trainer) -> None:
+        """An IterableDataset that every worker (or rank) reads whole shows each sample
+        several times an epoch; a repeat is averaged, so it counts once, but say so."""
+        repeats = self.recorder.last_epoch_repeats if self.recorder is not None else 0
+        if repeats and isinstance(_train_dataset(trainer), IterableDataset):
+            rank_zero_warn(
+                f"{repeats} sample ids came more than once in one epoch from an "
+                "IterableDataset: is it replicated across DataLoader workers or ranks? Each "
+                "repeat was averaged into one presentation. Shard the stream with "
+                "torch.utils.data.get_worker_info() (and the rank) so each sample comes "
+                "once per epoch."
+            )
 
     def _join_ranks(self, trainer: pl.Trainer) -> None:
         """Every rank takes part in the epoch-end reduction, even one that recorded nothing
@@ -414,15 +483,15 @@ class TrainingDynamics(Callback):
             policy.decide(report, epoch, self.recorder.num_samples)
         report = self._annotated(report)
         if self.write_report:
-            log_dir = self._log_dir or Path(trainer.default_root_dir)
             self.report_path = write_report(
                 report,
-                log_dir / REPORT_DIRNAME / REPORT_FILENAME,
+                self._report_dir(trainer) / REPORT_FILENAME,
                 epoch=epoch,
                 epochs_recorded=self.recorder.epochs_recorded,
                 num_samples=self.recorder.num_samples,
                 num_classes=self.recorder.num_classes,
                 **self._grad_norm_metadata(),
+                epochs_window=list(self.epochs) if self.epochs != _ALL_EPOCHS else None,
                 statistics_from="training forward pass",
             )
         writer = _tensorboard_writer(trainer) if self.tensorboard else None
@@ -435,9 +504,16 @@ class TrainingDynamics(Callback):
                 self.recorder.running_confidence,
                 epoch,
             )
-            log_epoch(writer, report, step=epoch, data_map=False)
+            log_epoch(writer, report, step=epoch, data_map=False, prefix=self._prefix)
             if policy is not None:
-                log_actions(writer, report, epoch, policy.counter_name, noise_mask=self.noise_mask)
+                log_actions(
+                    writer,
+                    report,
+                    epoch,
+                    policy.counter_name,
+                    noise_mask=self.noise_mask,
+                    prefix=self._prefix,
+                )
             if self._review_due(epoch):
                 self._review(trainer, writer, report, epoch)
             every = self.projector_every_n_epochs
@@ -450,9 +526,9 @@ class TrainingDynamics(Callback):
         """Writes the review views and the data map; schedules the next review."""
         started = time.perf_counter()
         if not self._layout_written:
-            log_custom_scalars(writer)
+            log_custom_scalars(writer, prefix=self._prefix)
             self._layout_written = True
-        log_epoch(writer, report, step=epoch, data_map=True, scalars=False)
+        log_epoch(writer, report, step=epoch, data_map=True, scalars=False, prefix=self._prefix)
         log_review(
             writer,
             report,
@@ -460,6 +536,7 @@ class TrainingDynamics(Callback):
             top_k=self.top_k,
             history=self.history,
             noise_mask=self.noise_mask,
+            prefix=self._prefix,
             **self._sample_display(trainer),
         )
         self._reviewed_epoch = epoch
@@ -482,6 +559,7 @@ class TrainingDynamics(Callback):
             report,
             epoch,
             max_points=self.projector_max_points,
+            prefix=self._prefix,
             **self._sample_display(trainer),
         )
         self._projected_epoch = epoch
@@ -722,6 +800,7 @@ class TrainingDynamics(Callback):
         """
         fit_loop = trainer.fit_loop
         original = getattr(type(fit_loop), "_load_combined_loader_states", None)
+        previous = fit_loop.__dict__.get("_load_combined_loader_states")  # another instance
         if original is None:
             raise RuntimeError(
                 f"This Lightning version ({pl.__version__}) has no hook torchdebug can use to "
@@ -730,7 +809,10 @@ class TrainingDynamics(Callback):
 
         def install_then_restore() -> None:
             self._install_sampler(fit_loop._combined_loader)
-            original(fit_loop)
+            if previous is not None:
+                previous()
+            else:
+                original(fit_loop)
 
         fit_loop._load_combined_loader_states = install_then_restore
         self._fit_loop = fit_loop
@@ -742,8 +824,8 @@ class TrainingDynamics(Callback):
         if len(loaders) > 1:
             rank_zero_warn("torchdebug tracks only the first of several train dataloaders.")
         try:
-            self._sampler = record_indices(loaders[0], self._dropped)
-            self._sampler_error = None
+            record_indices(loaders[0], self._ids_queue)
+            self._sampler, self._sampler_error = self._ids_queue, None
         except TypeError as err:
             self._sampler, self._sampler_error = None, err
 
@@ -821,6 +903,21 @@ class _LogitsCapture:
             self._children[name] = output
             if self._watch is not None:
                 self._watch(output)
+
+
+_ALL_EPOCHS = (0, 2**62)
+
+
+def _epoch_window(epochs: int | tuple[int, int] | None) -> tuple[int, int]:
+    if epochs is None:
+        return _ALL_EPOCHS
+    start, stop = (0, epochs) if isinstance(epochs, int) else tuple(epochs)
+    if not 0 <= start < stop:
+        raise ValueError(
+            f"epochs must be N >= 1 (the first N epochs) or (start, stop) with "
+            f"0 <= start < stop, got {epochs!r}."
+        )
+    return int(start), int(stop)
 
 
 def _refuse_compiled(pl_module: nn.Module, mode: str) -> None:

@@ -59,6 +59,7 @@ _AGGREGATE_FIELDS: dict[str, tuple[torch.dtype, float]] = {
 _EXTRA_REDUCE = {"bad_count": "sum", "bad_id": "max", "bad_label": "max"}
 _ALL_FIELDS = {**{f"epoch_{k}": v[:2] for k, v in _EPOCH_FIELDS.items()}, **_AGGREGATE_FIELDS}
 _MAX_CLASSES = torch.iinfo(torch.int16).max
+_MEANS = ("loss", "prob", "margin", "correct", "grad")
 
 
 class SampleError(ValueError):
@@ -154,6 +155,7 @@ class DynamicsRecorder:
         self.num_classes = num_classes
         self.device = torch.device(device) if device is not None else None
         self.epochs_recorded = 0
+        self.last_epoch_repeats = 0
         self._state: dict[str, Tensor] = {}
         if num_classes is not None and device is not None:
             self._allocate(self.device)
@@ -227,18 +229,28 @@ class DynamicsRecorder:
         nonfinite_slot = torch.where(valid_id & ~finite, ids, spare)
         s["epoch_nonfinite"].index_add_(0, nonfinite_slot, one.to(torch.uint8))
 
-    def end_epoch(self, reduce_fn: ReduceFn | None = None) -> None:
+    def end_epoch(
+        self,
+        reduce_fn: ReduceFn | None = None,
+        on_epoch: Callable[[pd.DataFrame], None] | None = None,
+    ) -> None:
         """Folds the running epoch into the aggregates and starts a new epoch.
+
+        Afterwards :attr:`last_epoch_repeats` holds the number of samples presented more
+        than once in the epoch (over all ranks).
 
         Args:
             reduce_fn: For distributed training, ``reduce_fn(tensor, op)`` with ``op`` in
                 ``{"sum", "max"}`` returning the tensor reduced over all ranks. Every rank
                 must call ``end_epoch`` with the same ``reduce_fn``.
+            on_epoch: Given the epoch's own per-sample table (see :meth:`_epoch_table`),
+                e.g. to stream a history to disk, before it is folded in.
 
         Raises:
             SampleError: If an id or label was out of range during the epoch (the epoch's
                 valid rows are still folded in first, so nothing recorded is lost).
         """
+        self.last_epoch_repeats = 0
         if not self._state:
             self.epochs_recorded += 1
             return
@@ -249,6 +261,9 @@ class DynamicsRecorder:
                 s[f"epoch_{name}"].copy_(reduce_fn(s[f"epoch_{name}"], op))
             for name, op in _EXTRA_REDUCE.items():
                 s[name].copy_(reduce_fn(s[name], op))
+        self.last_epoch_repeats = int((s["epoch_count"][: self.num_samples] > 1).sum())
+        if on_epoch is not None:
+            on_epoch(self._epoch_table())
         self._fold_epoch()
         self.epochs_recorded += 1
         self._raise_bad_input()
@@ -393,6 +408,27 @@ class DynamicsRecorder:
             )
         more = f" ({count} bad rows in all; they were not recorded)" if count > 1 else ""
         return SampleError(f"{what}{more}.")
+
+    def _epoch_table(self) -> pd.DataFrame:
+        """The running epoch's per-sample means, for the samples presented in it:
+        ``sample_id, epoch, presentations, loss, confidence, margin, correct, grad_norm``."""
+        n = self.num_samples
+        host = {k: self._state[f"epoch_{k}"][:n].cpu() for k in _EPOCH_FIELDS}
+        count = host["count"].float()
+        seen = torch.nonzero(count > 0).reshape(-1)
+        mean = {k: (host[k].float()[seen] / count[seen]).numpy() for k in _MEANS}
+        return pd.DataFrame(
+            {
+                "sample_id": seen.numpy(),
+                "epoch": self.epochs_recorded,
+                "presentations": host["count"][seen].numpy(),
+                "loss": mean["loss"],
+                "confidence": mean["prob"],
+                "margin": mean["margin"],
+                "correct": mean["correct"],
+                "grad_norm": mean["grad"],
+            }
+        )
 
     def _reduce_last_seen(self, reduce_fn: ReduceFn) -> None:
         """Shares the label and prediction of samples seen this epoch with every rank."""

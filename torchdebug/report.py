@@ -12,10 +12,19 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["REPORT_DIRNAME", "REPORT_FILENAME", "load_report", "report_metadata", "write_report"]
+__all__ = [
+    "HISTORY_DIRNAME",
+    "REPORT_DIRNAME",
+    "REPORT_FILENAME",
+    "load_history",
+    "load_report",
+    "report_metadata",
+    "write_report",
+]
 
 REPORT_DIRNAME = "torchdebug"
 REPORT_FILENAME = "samples.parquet"
+HISTORY_DIRNAME = "history"
 _METADATA_KEY = b"torchdebug"
 
 
@@ -76,6 +85,34 @@ def load_report(path: str | os.PathLike) -> pd.DataFrame:
     report = table.to_pandas()
     report.attrs["torchdebug"] = _decode_metadata(table.schema.metadata)
     return report
+
+
+def load_history(path: str | os.PathLike) -> pd.DataFrame:
+    """Reads the per-epoch history written by ``TrainingDynamics(history=True)``.
+
+    Args:
+        path: A run's log directory, its ``torchdebug`` folder, or the ``history`` folder.
+
+    Returns:
+        One row per sample and recorded epoch in which it was presented: ``sample_id``,
+        ``epoch``, ``presentations`` and that epoch's mean ``loss``, ``confidence``,
+        ``margin``, ``correct`` and ``grad_norm``; sorted by epoch then sample id.
+
+    Raises:
+        FileNotFoundError: If no history is found there.
+    """
+    path = Path(path)
+    for folder in (path, path / HISTORY_DIRNAME, path / REPORT_DIRNAME / HISTORY_DIRNAME):
+        files = sorted(folder.glob("epoch_*.parquet")) if folder.is_dir() else []
+        if files:
+            tables = [pq.read_table(f).to_pandas() for f in files]
+            return pd.concat(tables, ignore_index=True).sort_values(
+                ["epoch", "sample_id"], ignore_index=True
+            )
+    raise FileNotFoundError(
+        f"No torchdebug history at {path}: expected {REPORT_DIRNAME}/{HISTORY_DIRNAME}/"
+        "epoch_NNNN.parquet files, written by TrainingDynamics(history=True)."
+    )
 
 
 def report_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -3,9 +3,10 @@
 The DataLoader draws every batch's dataset indices in the main process, from its batch
 sampler, and (with ``in_order=True``, the default) hands the batches back in the order it
 drew them, however many workers prefetch. :class:`RecordingBatchSampler` sits around the
-batch sampler and queues each batch's indices as they are drawn; the callback takes the
-oldest entry for each batch it sees. The batches themselves are untouched, except that
-with ``TrainingDynamics(action="drop")`` the wrapper leaves the dropped samples out.
+batch sampler and queues each batch's indices as they are drawn, in one :class:`IdQueue`
+per callback; a callback takes the oldest entry for each batch it sees. The batches
+themselves are untouched, except that with ``TrainingDynamics(action="drop")`` the
+wrapper leaves the dropped samples out.
 """
 
 from __future__ import annotations
@@ -19,40 +20,21 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
-__all__ = ["RecordingBatchSampler", "as_id_tensor", "record_indices"]
+__all__ = ["IdQueue", "RecordingBatchSampler", "as_id_tensor", "record_indices"]
 
 
-class RecordingBatchSampler:
-    """Wraps a batch sampler and queues the indices of every batch it yields.
-
-    Attribute access falls through to the wrapped sampler, so ``set_epoch`` and friends
-    keep working.
-
-    Dropping keeps the number of batches (every DDP rank must take the same number of
-    steps): each batch loses its dropped samples, and a batch that would be left empty
-    takes the last kept sample of the pass instead (or the first kept sample id, at the
-    start of a pass).
-
-    A ``DistributedSampler`` without ``drop_last`` pads every rank to the same length by
-    repeating samples from the start of the shuffled order; the wrapper marks those
-    repeats (from each index's position in the pass), so that a sample counts once per
-    epoch however the padding fell.
+class IdQueue:
+    """One consumer's view of the batches a :class:`RecordingBatchSampler` drew, oldest
+    first: each batch's indices and which of them are padding repeats.
 
     Args:
-        batch_sampler: The DataLoader's batch sampler.
         dropped: Returns a boolean mask over sample ids of those to leave out, or ``None``
             when none are; asked once per pass, so decisions made between epochs apply to
             the next one.
     """
 
-    def __init__(
-        self,
-        batch_sampler: Any,
-        dropped: Callable[[], np.ndarray | None] | None = None,
-    ) -> None:
-        self.batch_sampler = batch_sampler
+    def __init__(self, dropped: Callable[[], np.ndarray | None] | None = None) -> None:
         self.dropped = dropped
-        # Per batch yielded and not yet taken: its indices, and which are padding repeats.
         self.pending: deque[tuple[list[int], list[bool]]] = deque()
 
     def take(self) -> tuple[list[int], list[bool]] | None:
@@ -63,10 +45,37 @@ class RecordingBatchSampler:
         """The oldest batch's indices, left in the queue."""
         return self.pending[0][0] if self.pending else None
 
+
+class RecordingBatchSampler:
+    """Wraps a batch sampler and queues the indices of every batch it yields, once for
+    each :class:`IdQueue` attached (one per callback).
+
+    Attribute access falls through to the wrapped sampler, so ``set_epoch`` and friends
+    keep working.
+
+    Dropping keeps the number of batches (every DDP rank must take the same number of
+    steps): each batch loses the samples any queue's ``dropped`` names, and a batch that
+    would be left empty takes the last kept sample of the pass instead (or the first kept
+    sample id, at the start of a pass).
+
+    A ``DistributedSampler`` without ``drop_last`` pads every rank to the same length by
+    repeating samples from the start of the shuffled order; the wrapper marks those
+    repeats (from each index's position in the pass), so that a sample counts once per
+    epoch however the padding fell.
+
+    Args:
+        batch_sampler: The DataLoader's batch sampler.
+    """
+
+    def __init__(self, batch_sampler: Any) -> None:
+        self.batch_sampler = batch_sampler
+        self.queues: list[IdQueue] = []
+
     def __iter__(self) -> Iterator[list[int]]:
         # A new pass over the data abandons whatever the previous pass left undelivered.
-        self.pending.clear()
-        mask = self.dropped() if self.dropped is not None else None
+        for queue in self.queues:
+            queue.pending.clear()
+        mask = self._dropped_mask()
         first_padding = _first_padding_position(getattr(self.batch_sampler, "sampler", None))
         position = 0
         last_kept: int | None = None
@@ -86,8 +95,14 @@ class RecordingBatchSampler:
                         kept, padded = np.array([fallback]), [False]
                     indices = kept.tolist()
                 last_kept = int(kept[-1])
-            self.pending.append((list(indices), padded))
+            for queue in self.queues:
+                queue.pending.append((list(indices), padded))
             yield indices
+
+    def _dropped_mask(self) -> np.ndarray | None:
+        masks = [q.dropped() for q in self.queues if q.dropped is not None]
+        masks = [m for m in masks if m is not None]
+        return np.logical_or.reduce(masks) if masks else None
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -112,14 +127,13 @@ def _first_padding_position(sampler: Any) -> float:
     return max(0, -(-(n - rank) // replicas))  # the smallest j with rank + j * R >= n
 
 
-def record_indices(
-    loader: Any, dropped: Callable[[], np.ndarray | None] | None = None
-) -> RecordingBatchSampler:
-    """Makes ``loader`` queue the dataset indices of each batch it draws (idempotent).
+def record_indices(loader: Any, queue: IdQueue) -> RecordingBatchSampler:
+    """Makes ``loader`` put the dataset indices of each batch it draws into ``queue``
+    (idempotent; several queues can share one loader).
 
     Args:
         loader: The train DataLoader (as Lightning prepared it).
-        dropped: Mask provider of the samples to leave out (see RecordingBatchSampler).
+        queue: Where the indices go; its ``dropped`` leaves samples out.
 
     Returns:
         The recording batch sampler now inside ``loader``.
@@ -137,13 +151,14 @@ def record_indices(
         raise TypeError(f"A DataLoader with batch_size=None has no batch sampler. {fix}")
     if loader.num_workers > 0 and not getattr(loader, "in_order", True):
         raise TypeError(f"DataLoader(in_order=False) returns batches out of order. {fix}")
-    if isinstance(loader.batch_sampler, RecordingBatchSampler):
-        loader.batch_sampler.dropped = dropped
-        return loader.batch_sampler
-    recorder = RecordingBatchSampler(loader.batch_sampler, dropped)
-    # DataLoader forbids re-assigning batch_sampler after construction; the wrapper yields
-    # exactly what the original does, so the loader's behaviour is unchanged.
-    object.__setattr__(loader, "batch_sampler", recorder)
+    recorder = loader.batch_sampler
+    if not isinstance(recorder, RecordingBatchSampler):
+        recorder = RecordingBatchSampler(loader.batch_sampler)
+        # DataLoader forbids re-assigning batch_sampler after construction; the wrapper
+        # yields exactly what the original does, so the loader's behaviour is unchanged.
+        object.__setattr__(loader, "batch_sampler", recorder)
+    if queue not in recorder.queues:
+        recorder.queues.append(queue)
     return recorder
 
 
