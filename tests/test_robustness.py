@@ -149,6 +149,26 @@ def test_resume_after_epoch_k_equals_an_uninterrupted_run(tmp_path: Path) -> Non
     assert resumed.report()["epochs_seen"].tolist() == [4] * 16
 
 
+def test_resume_mid_epoch_counts_no_presentation_twice(tmp_path: Path) -> None:
+    loader = DataLoader(IndexedInputs(12), batch_size=2)  # 6 steps an epoch
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    first = make_trainer(tmp_path, [TrainingDynamics(), saver], max_steps=3, epochs=2,
+                         enable_checkpointing=True)  # fmt: skip
+    first.fit(FixedModule(), loader)
+    mid_epoch = str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt")  # after 2 of 6 steps
+
+    dynamics = TrainingDynamics(history=True)
+    resumed = make_trainer(tmp_path / "resumed", [dynamics], epochs=2)
+    resumed.fit(FixedModule(), loader, ckpt_path=mid_epoch)
+    # Lightning replays the loader from its start for the 4 remaining steps: samples 0-7.
+    history = load_history(resumed.log_dir)
+    epoch0 = history[history["epoch"] == 0]
+    assert epoch0["sample_id"].tolist() == list(range(8))
+    assert epoch0["presentations"].tolist() == [1] * 8  # 0-3 were also seen before the save
+    assert by_id(dynamics)["epochs_seen"].tolist() == [2] * 8 + [1] * 4
+    assert load_report(resumed.log_dir).attrs["torchdebug"]["partial_epochs"] == [0]
+
+
 class Stream(IterableDataset):
     """Yields (index, input, label) for every sample, in every worker: replicated."""
 
@@ -202,6 +222,34 @@ def test_ids_as_tensors_arrays_or_ints_key_the_same_sample(tmp_path: Path, conve
     )
     np.testing.assert_allclose(by_id(dynamics)["loss_mean"], [expected_loss(i) for i in range(10)])
     assert as_id_tensor(np.int16(7)).tolist() == [7]
+
+
+class Named(IndexedInputs):
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        x, y = super().__getitem__(i)
+        return {"x": x, "y": y, "index": f"img_{i:03d}.png"}
+
+
+def test_string_ids_are_kept_in_the_report_and_survive_a_resume(tmp_path: Path) -> None:
+    loader = DataLoader(Named(10), batch_size=4, shuffle=True)
+    dynamics = TrainingDynamics()
+    trainer = make_trainer(tmp_path, [dynamics], epochs=1, enable_checkpointing=True)
+    trainer.fit(DictModule(), loader)
+    report = dynamics.report().set_index("sample_id")
+    assert sorted(report.index) == [f"img_{i:03d}.png" for i in range(10)]
+    want = [expected_loss(int(name[4:7])) for name in report.index]
+    np.testing.assert_allclose(report["loss_mean"], want, rtol=1e-6)
+    assert load_report(trainer.log_dir)["sample_id"].map(type).eq(str).all()
+    resumed = TrainingDynamics()
+    make_trainer(tmp_path / "r", [resumed], epochs=2).fit(
+        DictModule(), loader, ckpt_path=trainer.checkpoint_callback.best_model_path
+    )
+    again = resumed.report().set_index("sample_id")
+    assert sorted(again.index) == sorted(report.index) and again["epochs_seen"].eq(2).all()
+    with pytest.raises(ValueError, match="11th distinct string id.*num_samples"):
+        make_trainer(tmp_path / "few", [TrainingDynamics(num_samples=10)], epochs=1).fit(
+            DictModule(), DataLoader(Named(11), batch_size=4)
+        )
 
 
 class Memoriser(L.LightningModule):
@@ -271,6 +319,38 @@ def test_history_holds_each_epochs_own_numbers(tmp_path: Path) -> None:
         load_history(tmp_path / "nowhere")
 
 
+class PartlyUnlabelled(IndexedInputs):
+    """Samples 0 and 1 carry the ignore index -100 instead of a label."""
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        x, y = super().__getitem__(i)
+        return x, -100 if i < 2 else y
+
+
+class IgnoringModule(FixedModule):
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y, ignore_index=-100)
+
+
+def test_ignore_index_rows_are_reported_as_unsupervised(tmp_path: Path) -> None:
+    dynamics = TrainingDynamics(ignore_index=-100)
+    trainer = make_trainer(tmp_path, [dynamics], epochs=2)
+    trainer.fit(IgnoringModule(), DataLoader(PartlyUnlabelled(9), batch_size=3, shuffle=True))
+    report = by_id(dynamics)
+    assert report.loc[[0, 1], "flag"].tolist() == ["unsupervised"] * 2
+    assert report.loc[[0, 1], "epochs_seen"].tolist() == [0, 0]
+    assert report.loc[[0, 1], "loss_mean"].isna().all()
+    assert report.loc[2:, "epochs_seen"].tolist() == [2] * 7
+    np.testing.assert_allclose(report.loc[2:, "loss_mean"], [expected_loss(i) for i in range(2, 9)])
+    assert load_report(trainer.log_dir)["flag"].tolist()[:2] == ["unsupervised"] * 2
+    # Without ignore_index the same labels are an error naming the sample.
+    with pytest.raises(ValueError, match="sample [01] has label -100"):
+        make_trainer(tmp_path / "strict", [TrainingDynamics()], epochs=1).fit(
+            IgnoringModule(), DataLoader(PartlyUnlabelled(9), batch_size=3)
+        )
+
+
 def test_a_class_never_given_as_a_label_breaks_no_threshold() -> None:
     torch.manual_seed(0)
     recorder = DynamicsRecorder(num_samples=200, num_classes=5)  # classes 3, 4 never given
@@ -282,3 +362,27 @@ def test_a_class_never_given_as_a_label_breaks_no_threshold() -> None:
     report = recorder.report()
     assert report["flag"].eq("mislabeled").sum() == 0
     assert report["mislabel_score"].between(0, 1).all()
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU"))],
+)  # fmt: skip
+def test_a_thousand_classes_keep_the_state_flat_across_epochs(device: str) -> None:
+    recorder = DynamicsRecorder(num_samples=20_000, num_classes=1000, device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    sizes, allocated = [], []
+    for _ in range(3):
+        for ids in torch.randperm(20_000, device=device, generator=generator).split(500):
+            logits = torch.randn(500, 1000, device=device, generator=generator)
+            labels = torch.randint(0, 1000, (500,), device=device, generator=generator)
+            recorder.update(ids, logits, labels)
+        recorder.end_epoch()
+        sizes.append(sum(t.numel() * t.element_size() for t in recorder._state.values()))
+        if device == "cuda":
+            allocated.append(torch.cuda.memory_allocated())
+    assert sizes[0] == sizes[1] == sizes[2]
+    assert sizes[0] / 20_000 < 64.1  # no per-class state: the same 64 bytes as 10 classes
+    assert len(set(allocated)) <= 1
+    assert len(recorder.report()) == 20_000

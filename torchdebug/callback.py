@@ -150,6 +150,9 @@ class TrainingDynamics(Callback):
         history: Also write each recorded epoch's own per-sample numbers to
             ``torchdebug/history/epoch_NNNN.parquet`` (atomically, from the host; nothing
             stays on the device); read them back with :func:`torchdebug.load_history`.
+        ignore_index: The label that means "no label" in your loss (``F.cross_entropy``'s
+            ``ignore_index``): rows with it are not recorded and are not an error; a sample
+            only ever presented with it gets a report row flagged ``"unsupervised"``.
 
     Raises:
         ValueError: At construction, for a bad option.
@@ -185,10 +188,12 @@ class TrainingDynamics(Callback):
         grad_norm_strict: bool = False,
         epochs: int | tuple[int, int] | None = None,
         history: bool = False,
+        ignore_index: int | None = None,
     ) -> None:
         check_mode(grad_norm)
         self.epochs = _epoch_window(epochs)
         self.history_on_disk = history
+        self.ignore_index = ignore_index
         if num_samples is not None and num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}.")
         for option, value in (
@@ -256,6 +261,9 @@ class TrainingDynamics(Callback):
         self.grad_norm_strict = grad_norm_strict
         self._taps: LayerTaps | None = None
         self._trainer: pl.Trainer | None = None
+        self.partial_epochs: list[int] = []  # epochs resumed mid-way, so not fully seen
+        self._string_ids: dict[str, int] = {}  # string sample id -> its row, if any
+        self._capacity = 0  # rows the string ids may take (the number of samples)
         self._grad_trouble: Tensor | None = None  # rows whose loss was not cross-entropy's
 
     @property
@@ -271,7 +279,7 @@ class TrainingDynamics(Callback):
         """The per-sample report over the completed epochs (columns in the README)."""
         if self.recorder is None:
             return build_report(Aggregates.empty())
-        return self._annotated(self.recorder.report())
+        return self._with_string_ids(self._annotated(self.recorder.report()))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -300,6 +308,7 @@ class TrainingDynamics(Callback):
         # Trainer.log_dir is a collective under DDP: every rank asks, here, once.
         self._log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         self._trainer = trainer
+        self._capacity = self.num_samples or _train_dataset_size(trainer) or 0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_started = time.perf_counter()
@@ -433,7 +442,13 @@ class TrainingDynamics(Callback):
         without a recorder makes an empty one. If no rank recorded anything, none reduces."""
         mine = self.recorder.num_classes if self.recorder is not None else None
         device = trainer.strategy.root_device
-        agreed = int(_all_reduce(torch.tensor([mine or 0], device=device), "max")[0])
+        shared = torch.tensor([mine or 0, len(self._string_ids)], device=device)
+        agreed, strings = (int(v) for v in _all_reduce(shared, "max"))
+        if strings:  # every rank raises: each numbered its strings in its own order
+            raise ValueError(
+                "String sample ids are not supported under DDP: every rank would map them "
+                "to rows in its own order. Use integer ids (e.g. dataset indices)."
+            )
         if agreed and self.recorder is None:
             self.recorder = self._new_recorder(trainer, agreed, device)
 
@@ -460,6 +475,10 @@ class TrainingDynamics(Callback):
             state = {**self.recorder.state_dict(), "review_history": self.history.state_dict()}
         if self.policy is not None and self.policy.acted.size:
             state["actions"] = self.policy.state_dict()
+        if self.partial_epochs:
+            state["partial_epochs"] = list(self.partial_epochs)
+        if self._string_ids:
+            state["string_ids"] = list(self._string_ids)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -468,6 +487,8 @@ class TrainingDynamics(Callback):
         state = dict(state_dict)
         if "review_history" in state:
             self.history.load_state_dict(state.pop("review_history"))
+        self.partial_epochs = list(state.pop("partial_epochs", []))
+        self._string_ids = {k: i for i, k in enumerate(state.pop("string_ids", []))}
         actions = state.pop("actions", None)
         if actions is not None and self.policy is not None:
             self.policy.load_state_dict(actions)
@@ -484,7 +505,7 @@ class TrainingDynamics(Callback):
         report = self._annotated(report)
         if self.write_report:
             self.report_path = write_report(
-                report,
+                self._with_string_ids(report),
                 self._report_dir(trainer) / REPORT_FILENAME,
                 epoch=epoch,
                 epochs_recorded=self.recorder.epochs_recorded,
@@ -492,6 +513,7 @@ class TrainingDynamics(Callback):
                 num_classes=self.recorder.num_classes,
                 **self._grad_norm_metadata(),
                 epochs_window=list(self.epochs) if self.epochs != _ALL_EPOCHS else None,
+                partial_epochs=self.partial_epochs,
                 statistics_from="training forward pass",
             )
         writer = _tensorboard_writer(trainer) if self.tensorboard else None
@@ -566,6 +588,32 @@ class TrainingDynamics(Callback):
 
     def _annotated(self, report: pd.DataFrame) -> pd.DataFrame:
         return self.policy.annotate(report) if self.policy is not None else report
+
+    def _with_string_ids(self, report: pd.DataFrame) -> pd.DataFrame:
+        """The report as users see it: string sample ids where the batches gave strings
+        (inside, and in the TensorBoard views, a sample is its row number)."""
+        if not self._string_ids:
+            return report
+        names = np.array(list(self._string_ids), dtype=object)
+        return report.assign(sample_id=names[report["sample_id"].to_numpy()])
+
+    def _as_ids(self, values: Any) -> Tensor:
+        """Integer ids as they are; string ids mapped to rows in order of first sight."""
+        if isinstance(values, np.ndarray) and values.dtype.kind in "US":
+            values = values.tolist()
+        if not (isinstance(values, (list, tuple)) and values and isinstance(values[0], str)):
+            return as_id_tensor(values)
+        rows = self._string_ids
+        for value in values:
+            if value not in rows:
+                if len(rows) >= self._capacity:
+                    raise ValueError(
+                        f"Sample id {value!r} is the {len(rows) + 1}th distinct string id, but "
+                        f"the training set has {self._capacity} samples. Pass "
+                        "TrainingDynamics(num_samples=...) covering every distinct id."
+                    )
+                rows[value] = len(rows)
+        return torch.tensor([rows[v] for v in values], dtype=torch.long)
 
     def _apply_actions(self, trainer: pl.Trainer, batch: Any) -> None:
         """Before ``training_step``: the batch's weights, and its relabelled targets."""
@@ -712,7 +760,7 @@ class TrainingDynamics(Callback):
         """The user's ``get_input``, else a lookup in the train dataset by index."""
         if self.get_input is not None:
             return self.get_input
-        if self.get_ids is not None:
+        if self.get_ids is not None or self._string_ids:
             return None  # ids are the user's, not dataset indices
         dataset = _train_dataset(trainer)
         if dataset is None or isinstance(dataset, IterableDataset):
@@ -741,10 +789,18 @@ class TrainingDynamics(Callback):
                 f"noise_mask has {len(self.noise_mask)} entries but the training set has "
                 f"{num_samples} sample ids; pass one boolean per sample id."
             )
-        recorder = DynamicsRecorder(num_samples, num_classes, device=device)
+        recorder = DynamicsRecorder(
+            num_samples, num_classes, device=device, ignore_index=self.ignore_index
+        )
         if self._pending_state is not None:
             recorder.load_state_dict(self._pending_state)
             self._pending_state = None
+            if recorder.epoch_in_progress:
+                # A mid-epoch checkpoint: Lightning restarts the loader and runs the epoch's
+                # remaining steps, replaying its first batches. Their earlier presentations
+                # are dropped so none counts twice; the epoch is marked partial.
+                recorder.discard_epoch()
+                self.partial_epochs.append(recorder.epochs_recorded)
         return recorder
 
     def _targets(self, outputs: Any, batch: Any) -> Tensor:
@@ -766,12 +822,12 @@ class TrainingDynamics(Callback):
 
     def _ids(self, outputs: Any, batch: Any, sampled: list[int] | None, rows: int | None) -> Tensor:
         if self.get_ids is not None:
-            return as_id_tensor(self.get_ids(batch))
+            return self._as_ids(self.get_ids(batch))
         for source in (outputs, batch):
             if isinstance(source, Mapping):
                 for key in _ID_KEYS:
                     if key in source:
-                        return as_id_tensor(source[key])
+                        return self._as_ids(source[key])
         if sampled is not None:
             if rows is not None and len(sampled) != rows:
                 raise RuntimeError(

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from torchdebug.scores import Aggregates, build_report
+from torchdebug.scores import UNSUPERVISED_LABEL, Aggregates, build_report
 
 __all__ = ["DynamicsRecorder", "SampleError", "presentation_stats"]
 
@@ -131,6 +131,9 @@ class DynamicsRecorder:
         num_samples: Number of training samples; ids are integers in ``[0, num_samples)``.
         num_classes: Number of classes; inferred from the first logits when ``None``.
         device: Device of the state; the first logits' device when ``None``.
+        ignore_index: A label meaning "no label" (as in ``F.cross_entropy``): such rows are
+            not recorded and not an error; a sample only ever presented with it is
+            reported with the flag ``"unsupervised"``.
 
     Example::
 
@@ -146,6 +149,7 @@ class DynamicsRecorder:
         num_samples: int,
         num_classes: int | None = None,
         device: torch.device | str | None = None,
+        ignore_index: int | None = None,
     ) -> None:
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}.")
@@ -154,6 +158,7 @@ class DynamicsRecorder:
         self.num_samples = int(num_samples)
         self.num_classes = num_classes
         self.device = torch.device(device) if device is not None else None
+        self.ignore_index = ignore_index
         self.epochs_recorded = 0
         self.last_epoch_repeats = 0
         self._state: dict[str, Tensor] = {}
@@ -201,13 +206,17 @@ class DynamicsRecorder:
         valid_id = (ids >= 0) & (ids < self.num_samples)
         valid_label = (targets >= 0) & (targets < self.num_classes)
         finite = torch.isfinite(logits).all(dim=1)
-        bad_input = ~(valid_id & valid_label)
+        ignored = targets == self.ignore_index if self.ignore_index is not None else None
+        bad_input = ~(valid_id & (valid_label if ignored is None else valid_label | ignored))
         self._note_bad_input(ids, targets, bad_input)
 
         # Rows that must not touch real samples go to the spare slot at index num_samples.
         spare = torch.full_like(ids, self.num_samples)
         if keep is not None:
             valid_id = valid_id & keep.to(self.device, non_blocking=True)
+        if ignored is not None:
+            self._mark_unsupervised(torch.where(valid_id & ignored, ids, spare))
+            valid_label = valid_label & ~ignored
         slot = torch.where(valid_id & valid_label & finite, ids, spare)
         safe_targets = targets.clamp(0, self.num_classes - 1)
         stats = presentation_stats(torch.nan_to_num(logits.float()), safe_targets)
@@ -228,6 +237,13 @@ class DynamicsRecorder:
 
         nonfinite_slot = torch.where(valid_id & ~finite, ids, spare)
         s["epoch_nonfinite"].index_add_(0, nonfinite_slot, one.to(torch.uint8))
+
+    def _mark_unsupervised(self, slot: Tensor) -> None:
+        """A sample never given a real label gets the label ``UNSUPERVISED_LABEL``."""
+        label = self._state["label"]
+        current = label.gather(0, slot)
+        marker = torch.where(current < 0, UNSUPERVISED_LABEL, current).to(label.dtype)
+        label.index_copy_(0, slot, marker)
 
     def end_epoch(
         self,
@@ -438,6 +454,9 @@ class DynamicsRecorder:
             mine = torch.where(seen_here, s[name], torch.full_like(s[name], -1))
             everyone = reduce_fn(mine, "max")
             s[name].copy_(torch.where(everyone >= 0, everyone, s[name]))
+        if self.ignore_index is not None:  # a sample unsupervised on one rank is for all
+            marked = reduce_fn((s["label"] == UNSUPERVISED_LABEL).to(torch.int16), "max") > 0
+            s["label"].copy_(torch.where(marked & (s["label"] < 0), UNSUPERVISED_LABEL, s["label"]))
 
     def _fold_epoch(self) -> None:
         s = self._state
@@ -470,8 +489,18 @@ class DynamicsRecorder:
         self._vote(seen, s["epoch_other"])
         s["epochs_seen"].add_(seen.to(torch.int16))
 
+        self.discard_epoch()
+
+    def discard_epoch(self) -> None:
+        """Forgets the running epoch's presentations (the aggregates stay as they are)."""
         for name, (_, fill, _) in _EPOCH_FIELDS.items():
-            s[f"epoch_{name}"].fill_(fill)
+            if f"epoch_{name}" in self._state:
+                self._state[f"epoch_{name}"].fill_(fill)
+
+    @property
+    def epoch_in_progress(self) -> bool:
+        """Whether the running epoch has recorded any presentation yet."""
+        return bool(self._state) and bool(self._state["epoch_count"].any())
 
     def _vote(self, seen: Tensor, candidate: Tensor) -> None:
         """Boyer-Moore majority vote over epochs of the strongest other class."""

@@ -42,6 +42,8 @@ REPORT_COLUMNS: tuple[str, ...] = (
     "action_epoch",
 )
 FLAGS: tuple[str, ...] = ("mislabeled", "hard", "ambiguous")
+UNSUPERVISED_FLAG = "unsupervised"  # only ever presented with the ignore index: no scores
+UNSUPERVISED_LABEL = -2  # how the recorder stores such a sample's label
 
 # A sample flagged hard gives its label less than this probability on average.
 HARD_CONFIDENCE = 0.5
@@ -174,7 +176,25 @@ def build_report(agg: Aggregates) -> pd.DataFrame:
     report.loc[never_learned, "first_learned_epoch"] = pd.NA
     for name in ("loss_mean", "correctness", "grad_norm_mean"):
         report[name] = report[name].astype(np.float64)
+    unsupervised = np.flatnonzero((a["epochs_seen"] == 0) & (a["label"] == UNSUPERVISED_LABEL))
+    if unsupervised.size:
+        report = _with_unsupervised(report, unsupervised)
     return report
+
+
+def _with_unsupervised(report: pd.DataFrame, ids: np.ndarray) -> pd.DataFrame:
+    """Appends rows for samples only ever presented with the ignore index: no statistics,
+    ``given_label`` -1 and the flag ``"unsupervised"``."""
+    rows = pd.DataFrame({"sample_id": ids.astype(np.int64)})
+    for name in ("given_label", "predicted_label", "suggested_label"):
+        rows[name] = np.full(ids.size, -1, dtype=np.int64)
+    rows["epochs_seen"] = np.zeros(ids.size, dtype=np.int64)
+    rows["forgetting_events"] = np.zeros(ids.size, dtype=np.int64)
+    rows["nonfinite_events"] = np.zeros(ids.size, dtype=np.int64)
+    rows["flag"], rows["action"], rows["weight"] = UNSUPERVISED_FLAG, "", 1.0
+    rows = rows.reindex(columns=report.columns)
+    merged = pd.concat([report, rows.astype(report.dtypes.to_dict())], ignore_index=True)
+    return merged.sort_values("sample_id", ignore_index=True)
 
 
 def mislabel_score(aum: np.ndarray, confidence: np.ndarray) -> np.ndarray:
