@@ -113,11 +113,16 @@ class EvaluatingModule(FixedModule):
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         return F.cross_entropy(self(batch[0]), batch[1])
 
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.validation_step(batch, batch_idx)
+
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self(batch[0])
 
 
-def test_predict_and_validation_loops_leave_the_statistics_alone(tmp_path: Path) -> None:
+def test_sanity_validation_test_and_predict_loops_leave_the_statistics_alone(
+    tmp_path: Path,
+) -> None:
     dynamics = TrainingDynamics()
     loader = DataLoader(IndexedInputs(8), batch_size=4)
     trainer = make_trainer(tmp_path, [dynamics], epochs=1)
@@ -126,6 +131,7 @@ def test_predict_and_validation_loops_leave_the_statistics_alone(tmp_path: Path)
     before = dynamics.recorder.state_dict()
     assert len(trainer.predict(module, other)) == 4
     trainer.validate(module, other)
+    trainer.test(module, other)
     after = dynamics.recorder.state_dict()
     assert before["epochs_recorded"] == after["epochs_recorded"] == 1
     for name, tensor in before["tensors"].items():
