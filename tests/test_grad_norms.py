@@ -320,7 +320,14 @@ class Net(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def fit(root: Path, module: Net, grad_norm: str, **trainer_kw: Any) -> TrainingDynamics:
+def fit(
+    root: Path,
+    module: L.LightningModule,
+    grad_norm: str,
+    loader: DataLoader | None = None,
+    **trainer_kw: Any,
+) -> TrainingDynamics:
+    """One epoch with TrainingDynamics(grad_norm=...); the CNN's data unless ``loader``."""
     callback = TrainingDynamics(grad_norm=grad_norm, tensorboard=False)
     trainer = L.Trainer(
         max_epochs=1,
@@ -332,7 +339,7 @@ def fit(root: Path, module: Net, grad_norm: str, **trainer_kw: Any) -> TrainingD
         callbacks=[callback],
         **trainer_kw,
     )
-    trainer.fit(module, DataLoader(dataset(), batch_size=8, shuffle=True))
+    trainer.fit(module, loader or DataLoader(dataset(), batch_size=8, shuffle=True))
     return callback
 
 
@@ -412,16 +419,7 @@ def test_callback_finds_weights_used_without_a_module_call(tmp_path: Path) -> No
     torch.manual_seed(6)
     x, y = torch.randn(16, 5, 8), torch.randint(0, 3, (16,))
     module = AttentionNet()
-    callback = TrainingDynamics(grad_norm="full", tensorboard=False, num_samples=16)
-    trainer = L.Trainer(
-        max_epochs=1,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[callback],
-    )
-    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
+    callback = fit(tmp_path, module, "full", DataLoader(TensorDataset(x, y), batch_size=4))
     meta = load_report(tmp_path).attrs["torchdebug"]
     assert {"net.attn.in_proj_weight", "net.attn.out_proj.weight"} <= set(
         meta["grad_norm_excluded"]
