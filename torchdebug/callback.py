@@ -260,7 +260,6 @@ class TrainingDynamics(Callback):
         self.grad_norm = grad_norm
         self.grad_norm_strict = grad_norm_strict
         self._taps: LayerTaps | None = None
-        self._trainer: pl.Trainer | None = None
         self.partial_epochs: list[int] = []  # epochs resumed mid-way, so not fully seen
         self._string_ids: dict[str, int] = {}  # string sample id -> its row, if any
         self._capacity = 0  # rows the string ids may take (the number of samples)
@@ -307,7 +306,6 @@ class TrainingDynamics(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Trainer.log_dir is a collective under DDP: every rank asks, here, once.
         self._log_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        self._trainer = trainer
         self._capacity = self.num_samples or _train_dataset_size(trainer) or 0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -391,7 +389,8 @@ class TrainingDynamics(Callback):
         folded = False
         write_history = self.history_on_disk and trainer.is_global_zero
         try:
-            self.recorder.end_epoch(reduce_fn, self._write_history if write_history else None)
+            on_epoch = functools.partial(self._write_history, trainer) if write_history else None
+            self.recorder.end_epoch(reduce_fn, on_epoch)
             folded = True
             self._warn_repeats(trainer)
             if tracks:
@@ -416,11 +415,9 @@ class TrainingDynamics(Callback):
         log_dir = self._log_dir or Path(trainer.default_root_dir)
         return log_dir / REPORT_DIRNAME / self.name
 
-    def _write_history(self, table: pd.DataFrame) -> None:
-        epoch = int(table["epoch"].iloc[0]) if len(table) else -1
-        if self._trainer is None or epoch < 0:
-            return
-        path = self._report_dir(self._trainer) / HISTORY_DIRNAME / f"epoch_{epoch:04d}.parquet"
+    def _write_history(self, trainer: pl.Trainer, table: pd.DataFrame) -> None:
+        epoch = self.recorder.epochs_recorded if self.recorder is not None else 0
+        path = self._report_dir(trainer) / HISTORY_DIRNAME / f"epoch_{epoch:04d}.parquet"
         write_report(table, path, epoch=epoch)
 
     def _warn_repeats(self, trainer: pl.Trainer) -> None:
