@@ -213,6 +213,24 @@ def test_state_dict_round_trip_continues_identically() -> None:
         DynamicsRecorder(num_samples=5).load_state_dict(full.state_dict())
 
 
+@pytest.mark.parametrize("times", [32_768, 65_537])
+def test_a_wrapped_presentation_counter_is_an_error_not_a_wrong_number(times: int) -> None:
+    rec = DynamicsRecorder(num_samples=3, num_classes=3)
+    rec.update(torch.tensor([0, 1, 2]), torch.zeros(3, 3), torch.tensor([0, 1, 2]))
+    rec.end_epoch()
+    logits = torch.tensor([[3.0, 0.0, 0.0]]).expand(times, 3)
+    rec.update(torch.zeros(times, dtype=torch.long), logits, torch.zeros(times, dtype=torch.long))
+    rec.update(torch.tensor([1]), torch.zeros(1, 3), torch.tensor([1]))
+    with pytest.raises(SampleError, match="sample 0 was presented more than 32767 times"):
+        rec.end_epoch()
+    report = rec.report()  # the first epoch is intact, the bad one was dropped
+    assert report["epochs_seen"].tolist() == [1, 1, 1]
+    assert report["confidence"].tolist() == pytest.approx([1 / 3] * 3)
+    rec.update(torch.tensor([0]), torch.zeros(1, 3), torch.tensor([0]))
+    rec.end_epoch()  # and recording goes on
+    assert rec.report()["epochs_seen"].tolist() == [2, 1, 1]
+
+
 def test_state_bytes_per_sample_is_small() -> None:
     assert DynamicsRecorder(num_samples=10).state_bytes_per_sample <= 64
 

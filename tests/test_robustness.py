@@ -52,6 +52,28 @@ def test_two_named_instances_keep_apart_state_reports_and_tags(tmp_path: Path) -
     assert "torchdebug/first/flags/total" in tags and "torchdebug/second/flags/total" in tags
 
 
+def test_a_named_report_is_pointed_to_when_looked_for_at_the_run(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, [TrainingDynamics(name="first")], epochs=1)
+    trainer.fit(FixedModule(), DataLoader(IndexedInputs(6), batch_size=3))
+    with pytest.raises(FileNotFoundError, match=r"named instances.*torchdebug/first"):
+        load_report(trainer.log_dir)
+
+
+def test_float_labels_from_a_tuple_batch_say_where_they_came_from(tmp_path: Path) -> None:
+    data = TensorDataset(torch.arange(6), torch.arange(6.0)[:, None], torch.arange(6) % 3)
+
+    class IdFirst(FixedModule):
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            return F.cross_entropy(self(batch[1]), batch[2])
+
+    dynamics = TrainingDynamics(get_ids=lambda batch: batch[0])
+    with pytest.raises(ValueError, match="from the batch's second item.*get_targets="):
+        make_trainer(tmp_path, [dynamics], epochs=1).fit(IdFirst(), DataLoader(data, 3))
+    fixed = TrainingDynamics(get_ids=lambda b: b[0], get_targets=lambda b: b[2])
+    make_trainer(tmp_path / "fixed", [fixed], epochs=1).fit(IdFirst(), DataLoader(data, 3))
+    np.testing.assert_allclose(by_id(fixed)["loss_mean"], [expected_loss(i) for i in range(6)])
+
+
 def test_two_unnamed_instances_are_refused_with_the_fix(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="state_key"):
         make_trainer(tmp_path, [TrainingDynamics(), TrainingDynamics()])

@@ -807,7 +807,15 @@ class TrainingDynamics(Callback):
             for key in ("targets", "target"):
                 if isinstance(outputs.get(key), Tensor):
                     return outputs[key]
-        found = _targets_from_batch(batch)
+        found, where = _targets_from_batch(batch)
+        if found is not None and (found.is_floating_point() or found.dim() != 1):
+            raise ValueError(
+                f"torchdebug took the labels from {where} and found a {found.dtype} tensor "
+                f"of shape {tuple(found.shape)}, not integer class labels of shape [batch]. "
+                "If the labels are elsewhere in the batch, pass get_targets=lambda batch: ... "
+                "to TrainingDynamics; soft, mixed and multi-label targets are not supported "
+                "yet."
+            )
         if found is None:
             raise ValueError(
                 "torchdebug could not find the labels in the batch: expected a tuple "
@@ -1005,15 +1013,16 @@ def _no_logits_error(logits_module: str | None) -> ValueError:
     )
 
 
-def _targets_from_batch(batch: Any) -> Tensor | None:
+def _targets_from_batch(batch: Any) -> tuple[Tensor | None, str]:
+    """The labels of a batch by convention, and where they were found."""
     if isinstance(batch, Mapping):
         for key in TARGET_KEYS:
             if key in batch:
-                return torch.as_tensor(batch[key])
-        return None
+                return torch.as_tensor(batch[key]), f"the batch's {key!r} key"
+        return None, ""
     if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
-        return torch.as_tensor(batch[1])
-    return None
+        return torch.as_tensor(batch[1]), "the batch's second item"
+    return None, ""
 
 
 def _train_dataset(trainer: pl.Trainer) -> Any:

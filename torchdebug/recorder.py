@@ -34,7 +34,7 @@ _EPOCH_FIELDS: dict[str, tuple[torch.dtype, float, str]] = {
     "grad": (torch.float32, 0.0, "sum"),
     "correct": (torch.int16, 0, "sum"),
     "other": (torch.int16, -1, "max"),
-    # Non-finite presentations this epoch; one byte: a sample is not shown 255 times an epoch.
+    # Non-finite presentations this epoch, one byte; _check_counters catches a wrap-around.
     "nonfinite": (torch.uint8, 0, "sum"),
 }
 # Running aggregates over epochs: name -> (dtype, fill value).
@@ -56,7 +56,14 @@ _AGGREGATE_FIELDS: dict[str, tuple[torch.dtype, float]] = {
     "nonfinite": (torch.int16, 0),
 }
 # Bookkeeping of bad input, reduced across ranks with the epoch accumulators.
-_EXTRA_REDUCE = {"bad_count": "sum", "bad_id": "max", "bad_label": "max"}
+_EXTRA_REDUCE = {
+    "bad_count": "sum",
+    "bad_id": "max",
+    "bad_label": "max",
+    # Rows recorded this epoch, to catch a per-sample counter that wrapped around.
+    "rows": "sum",
+    "nonfinite_rows": "sum",
+}
 _ALL_FIELDS = {**{f"epoch_{k}": v[:2] for k, v in _EPOCH_FIELDS.items()}, **_AGGREGATE_FIELDS}
 _MAX_CLASSES = torch.iinfo(torch.int16).max
 _MEANS = ("loss", "prob", "margin", "correct", "grad")
@@ -237,6 +244,8 @@ class DynamicsRecorder:
 
         nonfinite_slot = torch.where(valid_id & ~finite, ids, spare)
         s["epoch_nonfinite"].index_add_(0, nonfinite_slot, one.to(torch.uint8))
+        s["rows"].add_((slot < self.num_samples).sum())
+        s["nonfinite_rows"].add_((nonfinite_slot < self.num_samples).sum())
 
     def _mark_unsupervised(self, slot: Tensor) -> None:
         """A sample never given a real label gets the label ``UNSUPERVISED_LABEL``."""
@@ -277,6 +286,7 @@ class DynamicsRecorder:
                 s[f"epoch_{name}"].copy_(reduce_fn(s[f"epoch_{name}"], op))
             for name, op in _EXTRA_REDUCE.items():
                 s[name].copy_(reduce_fn(s[name], op))
+        self._check_counters()
         self.last_epoch_repeats = int((s["epoch_count"][: self.num_samples] > 1).sum())
         if on_epoch is not None:
             on_epoch(self._epoch_table())
@@ -341,6 +351,8 @@ class DynamicsRecorder:
         device = self.device or torch.device("cpu")
         self.device = device
         self._state = {k: v.to(device).clone() for k, v in tensors.items()}
+        for name in ("rows", "nonfinite_rows"):  # absent from checkpoints of version 0.1
+            self._state.setdefault(name, torch.zeros(1, dtype=torch.int64, device=device))
 
     def _check_shapes(self, ids: Tensor, logits: Tensor, targets: Tensor) -> None:
         if logits.dim() != 2:
@@ -380,6 +392,8 @@ class DynamicsRecorder:
             for name, (dtype, fill) in _ALL_FIELDS.items()
         }
         self._state["bad_count"] = torch.zeros(1, dtype=torch.int64, device=device)
+        self._state["rows"] = torch.zeros(1, dtype=torch.int64, device=device)
+        self._state["nonfinite_rows"] = torch.zeros(1, dtype=torch.int64, device=device)
         self._state["bad_id"] = torch.full((1,), -(2**62), dtype=torch.int64, device=device)
         self._state["bad_label"] = torch.zeros(1, dtype=torch.int64, device=device)
         log.debug("allocated %d samples x %d classes on %s", size, self.num_classes, device)
@@ -496,6 +510,32 @@ class DynamicsRecorder:
         for name, (_, fill, _) in _EPOCH_FIELDS.items():
             if f"epoch_{name}" in self._state:
                 self._state[f"epoch_{name}"].fill_(fill)
+        for name in ("rows", "nonfinite_rows"):
+            if name in self._state:
+                self._state[name].zero_()
+
+    def _check_counters(self) -> None:
+        """The per-epoch counters are small integers (2 bytes of presentations, 1 byte of
+        non-finite ones, per sample): if one wrapped around, the epoch's numbers for that
+        sample are wrong, so the epoch is dropped with an error naming it."""
+        s, n = self._state, self.num_samples
+        count, nonfinite = s["epoch_count"][:n], s["epoch_nonfinite"][:n]
+        if int(count.sum(dtype=torch.int64)) == int(s["rows"]) and int(
+            nonfinite.sum(dtype=torch.int64)
+        ) == int(s["nonfinite_rows"]):
+            return
+        # A wrapped count is negative, or smaller than the probabilities summed over it.
+        suspects = (count <= 0) & (s["epoch_prob"][:n] > 0) | (s["epoch_prob"][:n] > count + 1)
+        found = torch.nonzero(suspects).reshape(-1)[:1].tolist()
+        who = f"sample {found[0]}" if found else "a sample"
+        self.discard_epoch()
+        raise SampleError(
+            f"{who} was presented more than {torch.iinfo(torch.int16).max} times (or had "
+            "non-finite logits more than 255 times) in one epoch, beyond the recorder's "
+            "per-epoch counters; this epoch was dropped, earlier ones are kept. Shorten the "
+            "epoch (e.g. a smaller num_samples for a WeightedRandomSampler) so that no "
+            "sample comes that often in one epoch."
+        )
 
     @property
     def epoch_in_progress(self) -> bool:

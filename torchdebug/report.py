@@ -125,10 +125,21 @@ def _resolve(path: Path) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
+    named = sorted(
+        str(f.parent)
+        for folder in (path, path / REPORT_DIRNAME)
+        if folder.is_dir()
+        for f in folder.glob(f"*/{REPORT_FILENAME}")
+    )
+    hint = (
+        f" Reports of named instances (TrainingDynamics(name=...)) are in: {named}."
+        if named
+        else ""
+    )
     raise FileNotFoundError(
         f"No torchdebug report at {path}: expected a run directory holding "
         f"{REPORT_DIRNAME}/{REPORT_FILENAME}, or that file. A report is written at the end "
-        "of every training epoch by TrainingDynamics."
+        f"of every training epoch by TrainingDynamics.{hint}"
     )
 
 
