@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,3 +37,7 @@ if __name__ == "__main__":
     trainer.fit(module, DataLoader(Samples(), batch_size=4, shuffle=True))
     pairs = [(s["epoch"], i) for s in module.steps for i in s["ids"]]
     np.savetxt(root / f"ids_rank{trainer.global_rank}.txt", np.array(pairs), fmt="%d")
+    # Leave the process group before exiting: a gloo group torn down by interpreter exit
+    # sometimes aborts a rank ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

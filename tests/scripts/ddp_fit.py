@@ -112,3 +112,7 @@ if __name__ == "__main__":
     if trainer.is_global_zero:
         print(f"REPORT {dynamics.report_path}")
         print(f"CHECKPOINT {checkpoint.last_model_path}")
+    # Leave the process group before exiting: a gloo group torn down by interpreter exit
+    # sometimes aborts a rank ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
