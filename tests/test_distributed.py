@@ -93,3 +93,11 @@ def test_a_rank_that_recorded_nothing_joins_the_reduction(tmp_path: Path) -> Non
     assert [sum(c) for c in counts] == [5, 5]  # rank zero's half of each epoch
     report = load_report(ddp["report"])
     assert sorted(report["sample_id"]) == [i for i in range(10) if sum(c[i] for c in counts)]
+
+
+def test_full_gradient_norms_under_ddp_equal_one_process(tmp_path: Path) -> None:
+    single = load_report(fit(1, tmp_path / "single", "grad_full")["report"])
+    ddp = load_report(fit(2, tmp_path / "ddp", "grad_full")["report"])
+    assert ddp.attrs["torchdebug"]["grad_norm"] == "full"
+    assert (ddp["grad_norm_mean"] > 0).all()
+    np.testing.assert_allclose(ddp["grad_norm_mean"], single["grad_norm_mean"], rtol=1e-5)

@@ -10,7 +10,8 @@ SETUP is one of:
 - ``user_sampler``: the loader has the user's own sampler, which Lightning wraps;
 - ``drop_last``: the user's DistributedSampler with ``drop_last=True``;
 - ``silent_rank``: rank 1's callback records no batch at all (it must still join the
-  epoch-end reduction, or every rank hangs).
+  epoch-end reduction, or every rank hangs);
+- ``grad_full``: a small MLP (learning rate 0) with ``TrainingDynamics(grad_norm="full")``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,25 @@ class FixedModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class Mlp(L.LightningModule):
+    """Per-sample gradient norms over its parameters are the same on any number of ranks
+    while its weights stay fixed (learning rate 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x / 10.0)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
 class PresentationCounts(Callback):
     """Before TrainingDynamics folds an epoch: every sample's recorded presentations that
     epoch, summed over ranks, printed by rank zero."""
@@ -95,7 +115,10 @@ if __name__ == "__main__":
     setup = sys.argv[3] if len(sys.argv) > 3 else "default"
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     silent = setup == "silent_rank" and rank == 1
-    dynamics = SilentDynamics() if silent else TrainingDynamics()
+    if silent:
+        dynamics: TrainingDynamics = SilentDynamics()
+    else:
+        dynamics = TrainingDynamics(grad_norm="full" if setup == "grad_full" else "logits")
     checkpoint = ModelCheckpoint(dirpath=f"{root}/checkpoints", save_last=True)
     trainer = L.Trainer(
         max_epochs=2,
@@ -108,7 +131,8 @@ if __name__ == "__main__":
         enable_model_summary=False,
         use_distributed_sampler=setup != "drop_last",
     )
-    trainer.fit(FixedModule(), loader(setup, devices, rank))
+    module = Mlp() if setup == "grad_full" else FixedModule()
+    trainer.fit(module, loader(setup, devices, rank))
     if trainer.is_global_zero:
         print(f"REPORT {dynamics.report_path}")
         print(f"CHECKPOINT {checkpoint.last_model_path}")
