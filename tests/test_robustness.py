@@ -329,6 +329,21 @@ def test_an_epoch_window_keeps_flipped_labels_detectable(tmp_path: Path) -> None
         TrainingDynamics(epochs=(3, 3))
 
 
+def test_a_window_that_starts_later_keeps_the_trainers_epoch_numbers(tmp_path: Path) -> None:
+    dynamics = TrainingDynamics(epochs=(3, 10), history=True)
+    trainer = make_trainer(tmp_path, [dynamics], epochs=5)
+    trainer.fit(LearnedModule(), DataLoader(IndexedInputs(8), batch_size=4))
+    assert sorted(load_history(trainer.log_dir)["epoch"].unique()) == [3, 4]
+    report = load_report(trainer.log_dir)
+    assert report.attrs["torchdebug"]["epoch"] == 4
+    assert report["epochs_seen"].tolist() == [2] * 8
+    learned = report["first_learned_epoch"].dropna()
+    assert len(learned) and learned.between(3, 4).all()
+    events = EventAccumulator(str(trainer.log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("torchdebug/flags/total")] == [3, 4]
+
+
 def test_history_holds_each_epochs_own_numbers(tmp_path: Path) -> None:
     dynamics = TrainingDynamics(history=True)
     trainer = make_trainer(tmp_path, [dynamics], epochs=2)

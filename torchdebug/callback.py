@@ -394,7 +394,7 @@ class TrainingDynamics(Callback):
             folded = True
             self._warn_repeats(trainer)
             if tracks:
-                self.history.after_epoch_end(read, self.recorder.epochs_recorded - 1)
+                self.history.after_epoch_end(read, self._last_epoch())
         finally:
             if trainer.is_global_zero:
                 self._publish(trainer, decide=folded)
@@ -407,6 +407,12 @@ class TrainingDynamics(Callback):
                     policy.load_state_dict(state)
             self._warn_if_weights_unused()
 
+    def _last_epoch(self) -> int:
+        """The Trainer's number of the last recorded epoch (recorded epochs start at the
+        window's start)."""
+        recorded = self.recorder.epochs_recorded if self.recorder is not None else 0
+        return recorded - 1 + self.epochs[0]
+
     def _in_window(self, trainer: pl.Trainer) -> bool:
         start, stop = self.epochs
         return start <= trainer.current_epoch < stop
@@ -416,9 +422,9 @@ class TrainingDynamics(Callback):
         return log_dir / REPORT_DIRNAME / self.name
 
     def _write_history(self, trainer: pl.Trainer, table: pd.DataFrame) -> None:
-        epoch = self.recorder.epochs_recorded if self.recorder is not None else 0
+        epoch = self._last_epoch() + 1  # called before the epoch is folded in
         path = self._report_dir(trainer) / HISTORY_DIRNAME / f"epoch_{epoch:04d}.parquet"
-        write_report(table, path, epoch=epoch)
+        write_report(table.assign(epoch=epoch), path, epoch=epoch)
 
     def _warn_repeats(self, trainer: pl.Trainer) -> None:
         """An IterableDataset that every worker (or rank) reads whole shows each sample
@@ -454,12 +460,12 @@ class TrainingDynamics(Callback):
         if not trainer.is_global_zero or self.recorder is None or not self.tensorboard:
             return
         writer = _tensorboard_writer(trainer)
-        epoch = self.recorder.epochs_recorded - 1
-        if writer is None or epoch < 0:
+        epoch = self._last_epoch()
+        if writer is None or self.recorder.epochs_recorded == 0:
             return
         report = self._last_report
         if report is None or self._last_report_epoch != epoch:
-            report = self.recorder.report()  # e.g. the run stopped before publishing
+            report = self._annotated(self.recorder.report())  # e.g. stopped before publishing
         if self._reviewed_epoch != epoch:
             self._review(trainer, writer, report, epoch)
         if self._projected_epoch != epoch:
@@ -495,7 +501,7 @@ class TrainingDynamics(Callback):
     def _publish(self, trainer: pl.Trainer, decide: bool) -> None:
         assert self.recorder is not None
         report = self.recorder.report()
-        epoch = self.recorder.epochs_recorded - 1
+        epoch = self._last_epoch()
         policy = self.policy
         if decide and policy is not None and policy.due(self.recorder.epochs_recorded):
             policy.decide(report, epoch, self.recorder.num_samples)
@@ -584,6 +590,12 @@ class TrainingDynamics(Callback):
         self._projected_epoch = epoch
 
     def _annotated(self, report: pd.DataFrame) -> pd.DataFrame:
+        """The recorder's report with the action columns, and epochs numbered as the
+        Trainer numbers them."""
+        if self.epochs[0]:
+            report = report.assign(
+                first_learned_epoch=report["first_learned_epoch"] + self.epochs[0]
+            )
         return self.policy.annotate(report) if self.policy is not None else report
 
     def _with_string_ids(self, report: pd.DataFrame) -> pd.DataFrame:
