@@ -56,13 +56,16 @@ _AGGREGATE_FIELDS: dict[str, tuple[torch.dtype, float]] = {
     "nonfinite": (torch.int16, 0),
 }
 # Bookkeeping of bad input, reduced across ranks with the epoch accumulators.
-_EXTRA_REDUCE = {
-    "bad_count": "sum",
-    "bad_id": "max",
-    "bad_label": "max",
-    # Rows recorded this epoch, to catch a per-sample counter that wrapped around.
-    "rows": "sum",
-    "nonfinite_rows": "sum",
+_NO_ID = -(2**62)  # "no bad row yet"
+# One-element counters, reduced across ranks with the epoch accumulators: name ->
+# (reduction, fill value). Bookkeeping of bad input, and the rows recorded this epoch
+# (to catch a per-sample counter that wrapped around).
+_COUNTERS: dict[str, tuple[str, int]] = {
+    "bad_count": ("sum", 0),
+    "bad_id": ("max", _NO_ID),
+    "bad_label": ("max", 0),
+    "rows": ("sum", 0),
+    "nonfinite_rows": ("sum", 0),
 }
 _ALL_FIELDS = {**{f"epoch_{k}": v[:2] for k, v in _EPOCH_FIELDS.items()}, **_AGGREGATE_FIELDS}
 _MAX_CLASSES = torch.iinfo(torch.int16).max
@@ -284,7 +287,7 @@ class DynamicsRecorder:
             self._reduce_last_seen(reduce_fn)
             for name, (_, _, op) in _EPOCH_FIELDS.items():
                 s[f"epoch_{name}"].copy_(reduce_fn(s[f"epoch_{name}"], op))
-            for name, op in _EXTRA_REDUCE.items():
+            for name, (op, _) in _COUNTERS.items():
                 s[name].copy_(reduce_fn(s[name], op))
         self._check_counters()
         self.last_epoch_repeats = int((s["epoch_count"][: self.num_samples] > 1).sum())
@@ -351,8 +354,7 @@ class DynamicsRecorder:
         device = self.device or torch.device("cpu")
         self.device = device
         self._state = {k: v.to(device).clone() for k, v in tensors.items()}
-        for name in ("rows", "nonfinite_rows"):  # absent from checkpoints of version 0.1
-            self._state.setdefault(name, torch.zeros(1, dtype=torch.int64, device=device))
+        self._add_counters(device)  # the row counters are absent from older checkpoints
 
     def _check_shapes(self, ids: Tensor, logits: Tensor, targets: Tensor) -> None:
         if logits.dim() != 2:
@@ -391,12 +393,13 @@ class DynamicsRecorder:
             name: torch.full((size,), fill, dtype=dtype, device=device)
             for name, (dtype, fill) in _ALL_FIELDS.items()
         }
-        self._state["bad_count"] = torch.zeros(1, dtype=torch.int64, device=device)
-        self._state["rows"] = torch.zeros(1, dtype=torch.int64, device=device)
-        self._state["nonfinite_rows"] = torch.zeros(1, dtype=torch.int64, device=device)
-        self._state["bad_id"] = torch.full((1,), -(2**62), dtype=torch.int64, device=device)
-        self._state["bad_label"] = torch.zeros(1, dtype=torch.int64, device=device)
+        self._add_counters(device)
         log.debug("allocated %d samples x %d classes on %s", size, self.num_classes, device)
+
+    def _add_counters(self, device: torch.device) -> None:
+        for name, (_, fill) in _COUNTERS.items():
+            if name not in self._state:
+                self._state[name] = torch.full((1,), fill, dtype=torch.int64, device=device)
 
     def _note_bad_input(self, ids: Tensor, targets: Tensor, bad: Tensor) -> None:
         if ids.device.type == "cpu":
@@ -407,9 +410,9 @@ class DynamicsRecorder:
         # On an accelerator, remember the first bad row without synchronising.
         s = self._state
         s["bad_count"].add_(bad.sum())
-        key = torch.where(bad, ids, torch.full_like(ids, -(2**62)))
+        key = torch.where(bad, ids, torch.full_like(ids, _NO_ID))
         row = key.argmax().unsqueeze(0)
-        first = (s["bad_id"] == -(2**62)) & bad.any()
+        first = (s["bad_id"] == _NO_ID) & bad.any()
         s["bad_id"].copy_(torch.where(first, ids.gather(0, row), s["bad_id"]))
         s["bad_label"].copy_(torch.where(first, targets.gather(0, row), s["bad_label"]))
 
@@ -420,7 +423,7 @@ class DynamicsRecorder:
         count = int(s["bad_count"])
         error = self._sample_error(int(s["bad_id"]), int(s["bad_label"]), count)
         s["bad_count"].zero_()
-        s["bad_id"].fill_(-(2**62))
+        s["bad_id"].fill_(_NO_ID)
         raise error
 
     def _sample_error(self, sample_id: int, label: int, count: int = 1) -> SampleError:
@@ -519,10 +522,9 @@ class DynamicsRecorder:
         non-finite ones, per sample): if one wrapped around, the epoch's numbers for that
         sample are wrong, so the epoch is dropped with an error naming it."""
         s, n = self._state, self.num_samples
-        count, nonfinite = s["epoch_count"][:n], s["epoch_nonfinite"][:n]
-        if int(count.sum(dtype=torch.int64)) == int(s["rows"]) and int(
-            nonfinite.sum(dtype=torch.int64)
-        ) == int(s["nonfinite_rows"]):
+        count = s["epoch_count"][:n]
+        counted = torch.stack([count.sum(dtype=torch.int64), s["epoch_nonfinite"][:n].sum()])
+        if torch.equal(counted, torch.cat([s["rows"], s["nonfinite_rows"]])):
             return
         # A wrapped count is negative, or smaller than the probabilities summed over it.
         suspects = (count <= 0) & (s["epoch_prob"][:n] > 0) | (s["epoch_prob"][:n] > count + 1)
